@@ -1,0 +1,62 @@
+"""Keras-style per-parameter constraints for any pytree: ``constrain(rules)``."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import optax
+
+from posconstr import _constraint
+from posconstr import _projection
+from posconstr import _selection
+
+
+def constrain(
+    rules: Mapping[str, Optional[_constraint.Constraint]],
+) -> optax.GradientTransformation:
+  r"""Projects each parameter onto the set of the first rule matching its path.
+
+  The Optax counterpart of Keras' ``kernel_constraint=`` /
+  ``bias_constraint=``, for any pytree of parameters: paths are keys joined
+  by ``/`` (``Dense_0/kernel`` in linen params, ``linear/kernel`` in the state
+  of an NNX model) and patterns are case-sensitive ``fnmatch`` globs, in which
+  ``*`` also crosses ``/``. Rules are tried in order and the first match
+  wins; a rule mapped to ``None`` leaves its matches unconstrained (useful
+  before a catch-all). Leaves that match no rule are returned untouched.
+
+  Like :func:`posconstr.project`, use it as the last link of a chain.
+
+  Args:
+    rules: ``{pattern: constraint or None}``, in priority order.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose ``update`` requires ``params``.
+
+  Raises:
+    TypeError: at construction, if a rule's value is not a constraint set.
+    ValueError: at ``init``, if a pattern matches no parameter path or only
+      paths taken by earlier rules, or a set does not fit its leaf.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, posconstr
+    >>> tx = optax.chain(optax.sgd(1.0), posconstr.constrain({
+    ...     "*/kernel": posconstr.NonNegative(),
+    ...     "*/bias": posconstr.Box(-1.0, 1.0)}))
+    >>> params = {"Dense_0": {"kernel": jnp.array([0.5]),
+    ...                       "bias": jnp.array([0.0])}}
+    >>> grads = {"Dense_0": {"kernel": jnp.array([1.0]),
+    ...                      "bias": jnp.array([5.0])}}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> new = optax.apply_updates(params, updates)
+    >>> new["Dense_0"]["kernel"], new["Dense_0"]["bias"]
+    (Array([0.], dtype=float32), Array([-1.], dtype=float32))
+  """
+  rules = _selection.check_rules(rules, "constrain", _constraint.Constraint,
+                                 "constraint set")
+  for pattern, value in rules.items():
+    if value is not None:
+      _projection.check_constraint_arg(value, f"rules[{pattern!r}]",
+                                       "constrain")
+  return _projection.projection_from_plan(
+      lambda params: _selection.plan_from_rules(params, rules, "constrain"),
+      "constrain")

@@ -1,0 +1,202 @@
+"""Elementwise sets: ``NonNegative`` and ``Box`` (products of intervals)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from posconstr import _constraint as base
+
+
+def _as_bound(name: str, value, owner: str):
+  """Validates a bound: None, a real scalar, or an array of reals."""
+  if value is None:
+    return None
+  if not base.is_concrete(value):
+    return value  # Traced (e.g. under optax.inject_hyperparams): no checks.
+  if isinstance(value, bool):
+    raise TypeError(f"{owner}: `{name}` must be a number or an array, got {value!r}.")
+  try:
+    arr = np.asarray(value)
+  except Exception as e:  # pragma: no cover - exotic inputs
+    raise TypeError(f"{owner}: `{name}` must be a number or an array, got "
+                    f"{type(value).__name__}.") from e
+  if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number)
+                                 or arr.dtype.name == "bfloat16"):
+    raise TypeError(f"{owner}: `{name}` must be a number or an array of "
+                    f"numbers, got {value!r}.")
+  if np.issubdtype(arr.dtype, np.complexfloating):
+    raise TypeError(f"{owner}: `{name}` must be real, got {value!r}.")
+  if arr.ndim == 0:
+    value = float(arr)
+    if np.isnan(value):
+      raise ValueError(f"{owner}: `{name}` must not be NaN.")
+    return value
+  arr = np.array(arr, dtype=np.promote_types(arr.dtype, np.float32))
+  if np.isnan(arr).any():
+    raise ValueError(f"{owner}: `{name}` contains NaN at index "
+                     f"{tuple(int(i) for i in np.argwhere(np.isnan(arr))[0])}.")
+  arr.setflags(write=False)
+  return arr
+
+
+def _bound_key(value):
+  if value is None or isinstance(value, float):
+    return value
+  if not base.is_concrete(value):
+    return ("traced", id(value))
+  return (value.shape, value.dtype.str, value.tobytes())
+
+
+class _Interval(base.Constraint):
+  """lower <= x <= upper, coordinate by coordinate (either bound may be None)."""
+
+  elementwise = True
+  lower: Optional[object]
+  upper: Optional[object]
+
+  def _key(self):
+    return (_bound_key(self.lower), _bound_key(self.upper))
+
+  def bounds_in(self, dtype) -> Tuple[Optional[jax.Array], Optional[jax.Array]]:
+    """The bounds cast to ``dtype``, rounded towards the inside of the set."""
+    concrete = base.is_concrete(self.lower) and base.is_concrete(self.upper)
+    with jax.ensure_compile_time_eval() if concrete else contextlib.nullcontext():
+      lo = (None if self.lower is None else
+            base.cast_bound(self.lower, dtype, round_up=True))
+      hi = (None if self.upper is None else
+            base.cast_bound(self.upper, dtype, round_up=False))
+    return lo, hi
+
+  def check_leaf(self, shape, dtype, path="x"):
+    owner = repr(self)
+    base.check_float_dtype(dtype, owner, path)
+    shape = tuple(shape)
+    for name, bound in (("lower", self.lower), ("upper", self.upper)):
+      bshape = np.shape(bound)
+      try:
+        ok = np.broadcast_shapes(bshape, shape) == shape
+      except ValueError:
+        ok = False
+      if not ok:
+        raise ValueError(
+            f"{owner}: `{name}` of shape {bshape} does not broadcast to "
+            f"parameter `{path}` of shape {shape}.")
+    if self.lower is None or self.upper is None:
+      return
+    lo, hi = self.bounds_in(dtype)
+    if base.is_concrete(lo) and base.is_concrete(hi):
+      empty = np.asarray(jnp.broadcast_to(lo > hi, np.broadcast_shapes(
+          np.shape(lo), np.shape(hi))))
+      if empty.any():
+        raise ValueError(
+            f"{owner}: no {np.dtype(dtype).name} value lies between `lower` "
+            f"and `upper` (parameter `{path}`); widen the box or use a wider "
+            "dtype.")
+
+  def project(self, x):
+    x = jnp.asarray(x)
+    lo, hi = self.bounds_in(x.dtype)
+    y = x
+    if lo is not None:
+      y = jnp.maximum(y, lo)
+    if hi is not None:
+      y = jnp.minimum(y, hi)
+    if y.shape != x.shape:
+      raise ValueError(f"{self!r}: bounds of shapes {np.shape(self.lower)}, "
+                       f"{np.shape(self.upper)} do not broadcast to {x.shape}.")
+    return y
+
+  def violation(self, x):
+    x = jnp.asarray(x)
+    acc = base.accumulation_dtype(x.dtype)
+    lo, hi = self.bounds_in(x.dtype)
+    xs = x.astype(acc)
+    excess = jnp.zeros((), acc)
+    if lo is not None:
+      excess = jnp.maximum(excess, base.max_or_zero(
+          jnp.broadcast_to(lo.astype(acc) - xs, x.shape)))
+    if hi is not None:
+      excess = jnp.maximum(excess, base.max_or_zero(
+          jnp.broadcast_to(xs - hi.astype(acc), x.shape)))
+    return excess
+
+
+class NonNegative(_Interval):
+  r"""The non-negative orthant, shifted: :math:`\{x : x_i \ge \epsilon\}`.
+
+  The projection is :math:`\max(x, \epsilon)` elementwise. ``eps`` is rounded
+  up to the leaf's dtype, so the projection is feasible in every dtype.
+
+  Args:
+    eps: the lower bound, ``>= 0``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from posconstr import NonNegative
+    >>> NonNegative().project(jnp.array([-1.0, 0.5]))
+    Array([0. , 0.5], dtype=float32)
+    >>> float(NonNegative(eps=0.1).violation(jnp.array([0.0, 1.0])))
+    0.1...
+  """
+
+  def __init__(self, eps: float = 0.0):
+    base.check_real("eps", eps, "NonNegative")
+    if base.is_concrete(eps) and float(eps) < 0:
+      raise ValueError(f"NonNegative: `eps` must be >= 0, got {eps!r}.")
+    eps = float(eps) if base.is_concrete(eps) else eps
+    self._init(eps=eps, lower=eps, upper=None)
+
+  def __repr__(self):
+    return f"NonNegative(eps={base.format_value(self.eps)})"
+
+
+class Box(_Interval):
+  r"""A box :math:`\{x : l_i \le x_i \le u_i\}`; the projection is a clip.
+
+  Bounds are scalars or arrays that broadcast to the leaf's shape; ``None``
+  leaves that side unbounded. They are rounded inwards to the leaf's dtype.
+
+  Args:
+    lower: the lower bound, or ``None``.
+    upper: the upper bound, or ``None``.
+
+  Raises:
+    ValueError: if ``lower > upper`` anywhere, or a bound is NaN.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from posconstr import Box
+    >>> Box(0.0, 1.0).project(jnp.array([-1.0, 0.5, 2.0]))
+    Array([0. , 0.5, 1. ], dtype=float32)
+  """
+
+  def __init__(self, lower=None, upper=None):
+    lower = _as_bound("lower", lower, "Box")
+    upper = _as_bound("upper", upper, "Box")
+    if (lower is not None and upper is not None and base.is_concrete(lower)
+        and base.is_concrete(upper)):
+      lo, hi = np.asarray(lower), np.asarray(upper)
+      try:
+        bad = np.broadcast_to(lo > hi, np.broadcast_shapes(lo.shape, hi.shape))
+      except ValueError:
+        raise ValueError(
+            f"Box: `lower` of shape {lo.shape} and `upper` of shape "
+            f"{hi.shape} do not broadcast together.") from None
+      if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        lv = np.broadcast_to(lo, bad.shape)[index]
+        uv = np.broadcast_to(hi, bad.shape)[index]
+        where = f" at index {index}" if index else ""
+        raise ValueError(
+            f"Box: `lower` must be <= `upper`, got lower={lv!r} > "
+            f"upper={uv!r}{where}.")
+    self._init(lower=lower, upper=upper)
+
+  def __repr__(self):
+    return (f"Box(lower={base.format_value(self.lower)}, "
+            f"upper={base.format_value(self.upper)})")

@@ -1,0 +1,66 @@
+"""Parameter paths as strings: ``Dense_0/kernel``, the same for linen and NNX."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, List, Sequence, Tuple
+
+import jax
+from jax import tree_util as jtu
+
+
+def key_to_str(key) -> str:
+  if isinstance(key, jtu.DictKey):
+    return str(key.key)
+  if isinstance(key, jtu.GetAttrKey):
+    return key.name
+  if isinstance(key, jtu.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jtu.FlattenedIndexKey):
+    return str(key.key)
+  return str(key)
+
+
+def path_to_str(path: Sequence[Any]) -> str:
+  """Joins a key path with ``/``.
+
+  A trailing ``.value`` attribute is dropped: it is how an ``nnx.Variable``
+  holds its array, so ``nnx.state(model)`` (Variables) and its pure form
+  (arrays, as ``nnx.Optimizer`` passes to Optax) give the same paths.
+  """
+  path = list(path)
+  if path and isinstance(path[-1], jtu.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
+  return "/".join(key_to_str(k) for k in path)
+
+
+def leaves_with_paths(tree) -> Tuple[List[str], List[Any], Any]:
+  """Returns (paths, leaves, treedef) of ``tree``."""
+  pairs, treedef = jtu.tree_flatten_with_path(tree)
+  paths = [path_to_str(p) for p, _ in pairs]
+  leaves = [leaf for _, leaf in pairs]
+  return paths, leaves, treedef
+
+
+def matches(pattern: str, path: str) -> bool:
+  """Case-sensitive glob match (``fnmatch``: ``*`` also crosses ``/``)."""
+  return fnmatch.fnmatchcase(path, pattern)
+
+
+def describe_paths(paths: Sequence[str], limit: int = 8) -> str:
+  shown = ", ".join(repr(p) for p in paths[:limit])
+  more = f", ... ({len(paths)} in all)" if len(paths) > limit else ""
+  return f"[{shown}{more}]" if paths else "[] (the tree has no leaves)"
+
+
+def leaf_dtype(leaf):
+  """The dtype of a leaf (array, tracer, ShapeDtypeStruct or Python scalar)."""
+  dtype = getattr(leaf, "dtype", None)
+  if dtype is not None:
+    return dtype
+  return jax.numpy.result_type(leaf)
+
+
+def leaf_shape(leaf):
+  shape = getattr(leaf, "shape", None)
+  return tuple(shape) if shape is not None else ()

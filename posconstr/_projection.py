@@ -1,0 +1,212 @@
+"""Projection as the last link of an Optax chain: ``project`` and shorthands."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import numpy as np
+import optax
+
+from posconstr import _constraint
+from posconstr import _intervals
+from posconstr import _landing
+from posconstr import _paths
+from posconstr import _selection
+
+Mask = Any  # None | str | list[str] | bool pytree | Callable[[params], bool pytree]
+
+
+class ProjectionState(NamedTuple):
+  """The (empty) state of a projection.
+
+  Projection keeps no state; the type marks where the projection sits in an
+  optimizer's state, which is how :func:`posconstr.check_projection_last`
+  finds a projection that is not the last link.
+  """
+
+
+def _is_plan_leaf(x) -> bool:
+  return x is None or isinstance(x, _constraint.Constraint)
+
+
+def projection_from_plan(make_plan: Callable[[Any], list],
+                         owner: str) -> optax.GradientTransformation:
+  """A projection whose per-leaf constraints come from ``make_plan(params)``.
+
+  ``make_plan`` runs on the params' structure at ``init`` (so bad masks and
+  shapes fail early) and again, at trace time, in every ``update``.
+  """
+
+  def init_fn(params):
+    make_plan(params)
+    return ProjectionState()
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+          f"{owner} needs the current parameters: call "
+          "`tx.update(updates, state, params)`. (It turns updates u into "
+          "P(p + u) - p, which depends on p.)")
+    plan = make_plan(params)
+    treedef = jax.tree.structure(params)
+    try:
+      treedef.flatten_up_to(updates)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{owner}: the updates tree does not match the params "
+                       f"tree: {e}") from e
+    plan_tree = treedef.unflatten(plan)
+
+    def one_leaf(constraint, update, param):
+      if constraint is None:
+        return update  # Unselected: returned as is, no work.
+      return _landing.landing_update(param, update, constraint)
+
+    new_updates = jax.tree.map(one_leaf, plan_tree, updates, params,
+                               is_leaf=_is_plan_leaf)
+    return new_updates, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def check_constraint_arg(constraint, name: str, owner: str) -> None:
+  if not isinstance(constraint, _constraint.Constraint):
+    hint = ""
+    if hasattr(constraint, "forward") and hasattr(constraint, "inverse"):
+      hint = (" It looks like a parameterization; pass its `.constraint`, "
+              "or use it with `reparam` instead.")
+    raise TypeError(
+        f"{owner}: `{name}` must be a constraint set (NonNegative, Box, "
+        f"Simplex, MaxNorm, UnitNorm, MinMaxNorm), got {constraint!r} of type "
+        f"{type(constraint).__name__}.{hint}")
+
+
+def project(constraint: _constraint.Constraint,
+            mask: Mask = None) -> optax.GradientTransformation:
+  r"""Projects the parameters onto ``constraint`` after the step.
+
+  Turns updates :math:`u` into :math:`P_C(p + u) - p`, so that
+  ``optax.apply_updates(params, updates)`` lands exactly on
+  :math:`P_C(p + u)`: bit for bit what projecting after the step by hand
+  gives (see ``posconstr._landing`` for how rounding is handled).
+
+  .. warning::
+    Use it as the **last** link of a chain. Any link after it moves the
+    parameters off the set again (``optax.chain(project_nonneg(),
+    optax.adam(1e-3))`` is *not* non-negative). :func:`posconstr.chain`
+    refuses such chains and :func:`posconstr.check_projection_last` checks an
+    optimizer state. NaN or inf in the updates is never hidden: it reaches
+    the parameters (compose with ``optax.apply_if_finite`` to skip such
+    steps).
+
+  Args:
+    constraint: the set, e.g. :class:`posconstr.NonNegative`.
+    mask: which leaves to project. ``None``: every floating-point leaf; a glob
+      pattern or a list of them, matched case-sensitively against paths with
+      keys joined by ``/`` (``"*/kernel"`` matches ``Dense_0/kernel`` in linen
+      params and ``linear/kernel`` in NNX state); a bool pytree that is a
+      prefix of the params; or a callable ``params -> bool pytree``. A pattern
+      that matches no path is an error. Unselected leaves are returned as
+      they are.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose ``update`` requires ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, posconstr
+    >>> tx = optax.chain(optax.sgd(1.0), posconstr.project_nonneg())
+    >>> params = {"w": jnp.array([0.5, 2.0])}
+    >>> grads = {"w": jnp.array([1.0, 1.0])}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"]
+    Array([0., 1.], dtype=float32)
+  """
+  owner = f"project({constraint!r})"
+  check_constraint_arg(constraint, "constraint", "project")
+  _selection.check_mask_arg(mask, owner)
+  return projection_from_plan(
+      lambda params: _selection.plan_from_mask(params, constraint, mask, owner),
+      owner)
+
+
+def project_nonneg(eps: float = 0.0,
+                   mask: Mask = None) -> optax.GradientTransformation:
+  r"""Keeps parameters :math:`\ge \epsilon`: ``project(NonNegative(eps), mask)``.
+
+  Unlike ``optax.keep_params_nonnegative`` it takes ``eps`` and a mask, and
+  lands exactly on ``eps`` in every dtype.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, posconstr
+    >>> tx = optax.chain(optax.adam(0.1), posconstr.project_nonneg(mask="*/w"))
+    >>> params = {"layer": {"w": jnp.zeros(2), "b": jnp.zeros(2)}}
+    >>> grads = {"layer": {"w": jnp.ones(2), "b": jnp.ones(2)}}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> new = optax.apply_updates(params, updates)
+    >>> new["layer"]["w"], new["layer"]["b"]
+    (Array([0., 0.], dtype=float32), Array([-0.1, -0.1], dtype=float32))
+  """
+  return project(_intervals.NonNegative(eps), mask)
+
+
+def _is_bound_tree(bound) -> bool:
+  if bound is None or isinstance(bound, (int, float, np.ndarray, np.generic)):
+    return False
+  return not hasattr(bound, "__array__") and not hasattr(bound, "shape")
+
+
+def project_box(lower=None, upper=None,
+                mask: Mask = None) -> optax.GradientTransformation:
+  r"""Clips parameters into :math:`[l, u]`: ``project(Box(lower, upper), mask)``.
+
+  Each bound is a scalar, an array broadcastable to every selected leaf,
+  ``None`` (unbounded), or a pytree prefix of the params holding one such
+  bound per subtree (per-leaf bounds, as in ``optax.projections``).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, posconstr
+    >>> tx = optax.chain(optax.sgd(1.0), posconstr.project_box(0.0, 1.0))
+    >>> params = {"w": jnp.array([0.5, 0.5])}
+    >>> grads = {"w": jnp.array([1.0, -1.0])}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"]
+    Array([0., 1.], dtype=float32)
+  """
+  if not (_is_bound_tree(lower) or _is_bound_tree(upper)):
+    return project(_intervals.Box(lower, upper), mask)
+  owner = "project_box"
+  _selection.check_mask_arg(mask, owner)
+
+  def per_leaf(bound, params, name):
+    if not _is_bound_tree(bound):
+      return [bound] * len(jax.tree.leaves(params))
+    bound_def = jax.tree.structure(bound, is_leaf=lambda x: x is None)
+    try:
+      subtrees = bound_def.flatten_up_to(params)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{owner}: the `{name}` tree is not a prefix of the "
+                       f"params tree: {e}") from e
+    values = jax.tree.leaves(bound, is_leaf=lambda x: x is None)
+    return [v for v, sub in zip(values, subtrees)
+            for _ in jax.tree.leaves(sub)]
+
+  def make_plan(params):
+    paths = _paths.leaves_with_paths(params)[0]
+    chosen = _selection.select(params, mask, owner)
+    lows = per_leaf(lower, params, "lower")
+    highs = per_leaf(upper, params, "upper")
+    plan = []
+    for path, leaf, pick, lo, hi in zip(paths, jax.tree.leaves(params),
+                                        chosen, lows, highs):
+      if not pick or (lo is None and hi is None):
+        plan.append(None)
+        continue
+      try:
+        box = _intervals.Box(lo, hi)
+      except (ValueError, TypeError) as e:
+        raise type(e)(f"{owner}: bounds for parameter `{path}`: {e}") from e
+      box.check_leaf(_paths.leaf_shape(leaf), _paths.leaf_dtype(leaf), path)
+      plan.append(box)
+    return plan
+
+  return projection_from_plan(make_plan, owner)

@@ -1,0 +1,181 @@
+"""Which leaf gets which constraint: masks and path rules.
+
+Every transform resolves its ``mask=`` or ``rules`` into a *plan*: one entry
+per leaf of the params tree, either a constraint object or ``None``. Plans are
+computed from the tree's structure, shapes and dtypes only, so they cost
+nothing inside ``jit``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from posconstr import _paths
+
+Plan = List[Optional[Any]]
+
+
+def is_pattern_list(mask) -> bool:
+  return (isinstance(mask, (list, tuple)) and len(mask) > 0
+          and all(isinstance(m, str) for m in mask))
+
+
+def check_mask_arg(mask, owner: str) -> None:
+  """Construction-time checks of a ``mask=`` argument."""
+  if isinstance(mask, (list, tuple)) and any(isinstance(m, str) for m in mask):
+    if not is_pattern_list(mask):
+      raise TypeError(
+          f"{owner}: a `mask` list must hold only pattern strings or only "
+          f"booleans, got {mask!r}.")
+  if isinstance(mask, str) and not mask:
+    raise ValueError(f"{owner}: `mask` pattern must not be empty.")
+
+
+def _unmatched_patterns_error(owner, patterns, paths):
+  return ValueError(
+      f"{owner}: pattern(s) {patterns!r} match no parameter path. Paths are "
+      f"keys joined by '/', matched with fnmatch (case-sensitive); this tree "
+      f"has {_paths.describe_paths(paths)}.")
+
+
+def _as_static_bool(value, path: str, owner: str) -> bool:
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"{owner}: the mask entry for `{path}` is traced; masks must be "
+        "static Python booleans (computed from the tree's structure, not its "
+        "values).")
+  if hasattr(value, "dtype") and np.ndim(value) == 0 and value.dtype == bool:
+    return bool(value)
+  raise TypeError(
+      f"{owner}: mask entries must be booleans, got {value!r} at `{path}`.")
+
+
+def _prefix_mismatch(mask_paths, param_paths) -> str:
+  for mp in mask_paths:
+    if not any(p == mp or p.startswith(mp + "/") or mp == "" for p in param_paths):
+      return f"the mask has `{mp}`, which is not a path of params"
+  for p in param_paths:
+    if not any(p == mp or p.startswith(mp + "/") or mp == "" for mp in mask_paths):
+      return f"params have `{p}`, which the mask does not cover"
+  return "their structures differ"
+
+
+def _bool_tree_selection(mask, params, owner) -> List[bool]:
+  mask_paths, mask_leaves, mask_def = _paths.leaves_with_paths(mask)
+  param_paths = _paths.leaves_with_paths(params)[0]
+  try:
+    subtrees = mask_def.flatten_up_to(params)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{owner}: the `mask` tree does not match the params tree (it must "
+        f"be a prefix of it): {_prefix_mismatch(mask_paths, param_paths)}."
+    ) from e
+  selected = []
+  for path, value, sub in zip(mask_paths, mask_leaves, subtrees):
+    flag = _as_static_bool(value, path, owner)
+    selected.extend([flag] * len(jax.tree.leaves(sub)))
+  return selected
+
+
+def select(params, mask, owner: str) -> List[bool]:
+  """Resolves ``mask`` into one bool per leaf of ``params``.
+
+  Args:
+    params: the params tree.
+    mask: None (every floating-point leaf), a glob pattern or list of them,
+      a callable ``params -> bool tree``, or a bool tree that is a prefix of
+      ``params``.
+    owner: the transform's name, for error messages.
+  """
+  paths, leaves, _ = _paths.leaves_with_paths(params)
+  if mask is None:
+    return [jnp.issubdtype(_paths.leaf_dtype(x), jnp.floating) for x in leaves]
+  if isinstance(mask, str) or is_pattern_list(mask):
+    patterns = [mask] if isinstance(mask, str) else list(mask)
+    selected = [any(_paths.matches(pat, p) for pat in patterns) for p in paths]
+    unmatched = [pat for pat in patterns
+                 if not any(_paths.matches(pat, p) for p in paths)]
+    if unmatched:
+      raise _unmatched_patterns_error(owner, unmatched, paths)
+    return selected
+  if callable(mask):
+    mask = mask(params)
+    if callable(mask) and not isinstance(mask, (dict, list, tuple)):
+      raise TypeError(f"{owner}: a callable `mask` must return a bool tree, "
+                      f"got {mask!r}.")
+  return _bool_tree_selection(mask, params, owner)
+
+
+def plan_from_mask(params, constraint, mask, owner: str) -> Plan:
+  """One constraint per selected leaf, validated against its shape and dtype."""
+  paths, leaves, _ = _paths.leaves_with_paths(params)
+  plan = []
+  for path, leaf, chosen in zip(paths, leaves, select(params, mask, owner)):
+    if chosen:
+      _check_leaf(constraint, leaf, path)
+    plan.append(constraint if chosen else None)
+  return plan
+
+
+def check_rules(rules, owner: str, expected_type, kind: str) -> dict:
+  """Construction-time checks of a ``{pattern: object-or-None}`` mapping."""
+  if not isinstance(rules, Mapping):
+    raise TypeError(f"{owner}: `rules` must be a mapping from path patterns to "
+                    f"{kind}s, got {type(rules).__name__}.")
+  if not rules:
+    raise ValueError(f"{owner}: `rules` must not be empty.")
+  for pattern, value in rules.items():
+    if not isinstance(pattern, str) or not pattern:
+      raise TypeError(f"{owner}: rule keys must be non-empty path patterns "
+                      f"(str), got {pattern!r}.")
+    if value is not None and not isinstance(value, expected_type):
+      raise TypeError(
+          f"{owner}: the rule for {pattern!r} must be a {kind} or None, got "
+          f"{value!r} of type {type(value).__name__}.")
+  return dict(rules)
+
+
+def _check_leaf(constraint, leaf, path):
+  constraint.check_leaf(_paths.leaf_shape(leaf), _paths.leaf_dtype(leaf), path)
+
+
+def plan_from_rules(params, rules: Mapping[str, Any], owner: str,
+                    validate: Callable = _check_leaf) -> Plan:
+  """The first rule whose pattern matches a leaf's path decides its entry.
+
+  A rule that matches no path, or only paths that earlier rules took, is an
+  error: it is almost always a typo or a rule in the wrong order.
+  """
+  paths, leaves, _ = _paths.leaves_with_paths(params)
+  winners = set()
+  plan = []
+  for path, leaf in zip(paths, leaves):
+    entry = None
+    for pattern, value in rules.items():
+      if _paths.matches(pattern, path):
+        winners.add(pattern)
+        entry = value
+        break
+    if entry is not None:
+      validate(entry, leaf, path)
+    plan.append(entry)
+  unmatched = [p for p in rules
+               if not any(_paths.matches(p, path) for path in paths)]
+  if unmatched:
+    raise _unmatched_patterns_error(owner, unmatched, paths)
+  shadowed = [p for p in rules if p not in winners]
+  if shadowed:
+    raise ValueError(
+        f"{owner}: rule(s) {shadowed!r} only match paths that earlier rules "
+        "already took (the first matching rule wins); reorder or remove them.")
+  return plan
+
+
+def used_leaves(plan: Sequence[Optional[Any]]) -> int:
+  return sum(entry is not None for entry in plan)
