@@ -1,5 +1,10 @@
 """posconstr: keep JAX model weights non-negative, in a box, on a simplex or
-under a norm while they train, by projection inside Optax."""
+under a norm while they train: by projection inside Optax, or by
+reparameterization (weights = g(latent)) in Flax.
+
+Submodules: :mod:`posconstr.linen`, :mod:`posconstr.nnx`,
+:mod:`posconstr.initializers` (imported with the package).
+"""
 
 from posconstr._chain_order import chain
 from posconstr._chain_order import check_projection_last
@@ -10,27 +15,53 @@ from posconstr._intervals import NonNegative
 from posconstr._norms import MaxNorm
 from posconstr._norms import MinMaxNorm
 from posconstr._norms import UnitNorm
+from posconstr._parameterizations import Abs
+from posconstr._parameterizations import Exp
+from posconstr._parameterizations import Parameterization
+from posconstr._parameterizations import ReLU
+from posconstr._parameterizations import Sigmoid
+from posconstr._parameterizations import Softplus
+from posconstr._parameterizations import Square
 from posconstr._projection import ProjectionState
 from posconstr._projection import project
 from posconstr._projection import project_box
 from posconstr._projection import project_nonneg
+from posconstr._reparam import dead_fraction
+from posconstr._reparam import reparam
+from posconstr._reparam import unreparam
 from posconstr._simplex import Simplex
+from posconstr import initializers
+from posconstr import linen
+from posconstr import nnx
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "Abs",
     "Box",
     "Constraint",
     "MaxNorm",
+    "Exp",
     "MinMaxNorm",
     "NonNegative",
+    "Parameterization",
     "ProjectionState",
+    "ReLU",
+    "Sigmoid",
     "Simplex",
+    "Softplus",
+    "Square",
     "UnitNorm",
     "chain",
     "check_projection_last",
     "constrain",
+    "dead_fraction",
+    "initializers",
+    "linen",
+    "nnx",
     "project",
     "project_box",
     "project_nonneg",
+    "reparam",
+    "unreparam",
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Any, List
 
 import optax
@@ -23,7 +24,7 @@ def _chain_links(state):
   """The links of a chain state (plain tuple or named_chain dict), else None."""
   if type(state) is tuple:  # optax.chain's state; NamedTuples are not chains.
     return list(enumerate(state))
-  if type(state) is dict:
+  if type(state) is collections.OrderedDict:  # optax.named_chain's state.
     return list(state.items())
   return None
 
@@ -45,6 +46,10 @@ def _misplaced(state, where: str) -> List[str]:
     children = [(f"{where}[{name!r}]", link) for name, link in links]
   elif isinstance(state, tuple) and hasattr(state, "_fields"):
     children = [(f"{where}.{f}", getattr(state, f)) for f in state._fields]
+  elif isinstance(state, dict):
+    # Not a chain (e.g. optax.multi_transform's inner_states, one per label,
+    # applied to disjoint leaves): no order to check, but look inside.
+    children = [(f"{where}[{k!r}]", v) for k, v in state.items()]
   else:
     children = []
   for child_where, child in children:

@@ -148,6 +148,15 @@ def cast_bound(bound, dtype, *, round_up: bool) -> jax.Array:
   A lower bound is rounded up and an upper bound down, so that
   ``x >= cast_bound(lower)`` in ``dtype`` implies ``x >= lower`` exactly.
   """
+  if is_concrete(bound) and not isinstance(bound, jax.Array):
+    # Round from float64 in NumPy: jnp.asarray would first round a float64
+    # bound to the nearest float32 when x64 is disabled, possibly outwards.
+    wide = np.asarray(bound, dtype=np.float64)
+    narrow = wide.astype(dtype)
+    back = narrow.astype(np.float64)
+    wrong = back < wide if round_up else back > wide
+    step = np.asarray(np.inf if round_up else -np.inf, dtype=narrow.dtype)
+    return jnp.asarray(np.where(wrong, np.nextafter(narrow, step), narrow))
   wide = jnp.asarray(bound)
   if not jnp.issubdtype(wide.dtype, jnp.floating):
     wide = wide.astype(jnp.promote_types(dtype, jnp.float32))
@@ -168,7 +177,7 @@ def cast_bound(bound, dtype, *, round_up: bool) -> jax.Array:
 def safe_norm(x: jax.Array, axes, keepdims: bool = True) -> jax.Array:
   """Euclidean norm over ``axes`` with a finite gradient at 0."""
   sq = jnp.sum(x * x, axis=axes, keepdims=keepdims)
-  positive = sq > 0
+  positive = ~(sq <= 0)  # True for NaN too, so that NaN propagates.
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1)), 0)
 
 

@@ -1,0 +1,137 @@
+"""Applying parameterizations to pytrees: ``reparam``, ``unreparam``, ``dead_fraction``."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Union
+
+import jax
+import jax.numpy as jnp
+
+from posconstr import _constraint
+from posconstr import _parameterizations
+from posconstr import _paths
+from posconstr import _selection
+
+Rules = Union[_parameterizations.Parameterization,
+              Mapping[str, Any]]
+
+
+def check_parameterization_arg(value, name: str, owner: str) -> None:
+  if not isinstance(value, _parameterizations.Parameterization):
+    hint = ""
+    if isinstance(value, _constraint.Constraint):
+      hint = (" It is a constraint set; use a parameterization whose range "
+              "lies in it (e.g. Softplus() for NonNegative(), Sigmoid(l, u) "
+              "for Box(l, u)), or use it with `project`.")
+    raise TypeError(
+        f"{owner}: `{name}` must be a parameterization (Softplus, Exp, Square,"
+        f" Abs, ReLU, Sigmoid), got {value!r} of type "
+        f"{type(value).__name__}.{hint}")
+
+
+def _check_leaf(parameterization, leaf, path, owner):
+  dtype = _paths.leaf_dtype(leaf)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{owner}: parameter `{path}` has dtype {dtype}; only "
+                    "floating-point leaves can be reparameterized.")
+
+
+def make_plan(tree, rules: Rules, mask, owner: str) -> list:
+  """One parameterization (or None) per leaf of ``tree``."""
+  if isinstance(rules, _parameterizations.Parameterization):
+    selected = _selection.select(tree, mask, owner)
+    paths, leaves, _ = _paths.leaves_with_paths(tree)
+    plan = []
+    for path, leaf, pick in zip(paths, leaves, selected):
+      if pick:
+        _check_leaf(rules, leaf, path, owner)
+      plan.append(rules if pick else None)
+    return plan
+  return _selection.plan_from_rules(
+      tree, rules, owner,
+      validate=lambda p, leaf, path: _check_leaf(p, leaf, path, owner))
+
+
+def check_rules_arg(rules: Rules, mask, owner: str) -> Rules:
+  if isinstance(rules, _parameterizations.Parameterization):
+    _selection.check_mask_arg(mask, owner)
+    return rules
+  if mask is not None:
+    raise ValueError(f"{owner}: `mask` is only allowed with a single "
+                     "parameterization, not with a rules mapping.")
+  if isinstance(rules, _constraint.Constraint):
+    check_parameterization_arg(rules, "rules", owner)
+  rules = _selection.check_rules(rules, owner,
+                                 _parameterizations.Parameterization,
+                                 "parameterization")
+  for pattern, value in rules.items():
+    if value is not None:
+      check_parameterization_arg(value, f"rules[{pattern!r}]", owner)
+  return rules
+
+
+def _map(tree, rules, mask, owner, method: str):
+  rules = check_rules_arg(rules, mask, owner)
+  plan = make_plan(tree, rules, mask, owner)
+  plan_tree = jax.tree.structure(tree).unflatten(plan)
+  return jax.tree.map(
+      lambda p, x: x if p is None else getattr(p, method)(x),
+      plan_tree, tree,
+      is_leaf=lambda x: x is None or isinstance(
+          x, _parameterizations.Parameterization))
+
+
+def reparam(latents, rules: Rules, mask=None):
+  """The constrained values: ``forward`` applied to the matching leaves.
+
+  Args:
+    latents: a pytree of unconstrained arrays.
+    rules: ``{pattern: parameterization or None}`` (first match wins, as in
+      :func:`posconstr.constrain`), or one parameterization applied to the
+      leaves selected by ``mask``.
+    mask: with a single parameterization, which leaves (see
+      :func:`posconstr.project`); ``None`` selects every float leaf.
+
+  Returns:
+    A pytree like ``latents``; unmatched leaves are returned as they are.
+
+  Example:
+    >>> import jax.numpy as jnp, posconstr
+    >>> latents = {"w": jnp.array([-1.0, 0.0, 1.0]), "b": jnp.array([-1.0])}
+    >>> params = posconstr.reparam(latents, {"w": posconstr.Softplus()})
+    >>> params["w"].round(3), params["b"]
+    (Array([0.313, 0.693, 1.313], dtype=float32), Array([-1.], dtype=float32))
+  """
+  return _map(latents, rules, mask, "reparam", "forward")
+
+
+def unreparam(params, rules: Rules, mask=None):
+  """The latents: ``inverse`` applied to the matching leaves.
+
+  Concrete values outside a parameterization's range raise ``ValueError``;
+  see :class:`posconstr.Parameterization` for what happens under ``jit``.
+  """
+  return _map(params, rules, mask, "unreparam", "inverse")
+
+
+def dead_fraction(latents, rules: Rules, mask=None,
+                  tol: float = 1e-3) -> Dict[str, jax.Array]:
+  """Per matching path, the fraction of latents whose derivative is < ``tol``.
+
+  Counts relu's dying synapses and sigmoid's saturation during training.
+  Jittable: returns a dict of scalar arrays.
+
+  Example:
+    >>> import jax.numpy as jnp, posconstr
+    >>> latents = {"w": jnp.array([-2.0, -1.0, 0.5, 3.0])}
+    >>> frac = posconstr.dead_fraction(latents, posconstr.ReLU())
+    >>> float(frac["w"])
+    0.5
+  """
+  rules = check_rules_arg(rules, mask, "dead_fraction")
+  plan = make_plan(latents, rules, mask, "dead_fraction")
+  paths, leaves, _ = _paths.leaves_with_paths(latents)
+  return {
+      path: jnp.mean(p.dead(leaf, tol).astype(jnp.float32))
+      for path, leaf, p in zip(paths, leaves, plan) if p is not None
+  }
