@@ -99,8 +99,8 @@ def reparam(latents, rules: Rules, mask=None):
     >>> import jax.numpy as jnp, posconstr
     >>> latents = {"w": jnp.array([-1.0, 0.0, 1.0]), "b": jnp.array([-1.0])}
     >>> params = posconstr.reparam(latents, {"w": posconstr.Softplus()})
-    >>> params["w"].round(3), params["b"]
-    (Array([0.313, 0.693, 1.313], dtype=float32), Array([-1.], dtype=float32))
+    >>> [round(float(v), 4) for v in params["w"]], params["b"]
+    ([0.3133, 0.6931, 1.3133], Array([-1.], dtype=float32))
   """
   return _map(latents, rules, mask, "reparam", "forward")
 

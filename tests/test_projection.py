@@ -30,11 +30,9 @@ def _mlp_params(scale=1.0, key=0):
 
 def _grads(step, params):
   """Mostly positive gradients: gradient descent pushes weights negative."""
-  key = jax.random.fold_in(jax.random.key(123), step)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten([0.5 + jax.random.normal(k, x.shape)
-                            for k, x in zip(keys, leaves)])
+  rng = np.random.default_rng(1000 + step)
+  return jax.tree.map(
+      lambda x: jnp.asarray(0.5 + rng.normal(size=x.shape), x.dtype), params)
 
 
 def _assert_trees_bit_equal(a, b, msg=""):
@@ -63,7 +61,7 @@ def _train_against_reference(tx, manual_projection, params, steps=100):
     v, r = ref.update(g, r, q)
     stepped = optax.apply_updates(q, v)
     q = jax.tree.map(manual_projection, stepped)
-    clipped += sum(int(jnp.sum(a != b)) for a, b in
+    clipped += sum(int(np.sum(np.asarray(a) != np.asarray(b))) for a, b in
                    zip(jax.tree.leaves(stepped), jax.tree.leaves(q)))
     _assert_trees_bit_equal(p, q, f"step {i}")
   return p, clipped
@@ -81,16 +79,30 @@ def test_adam_then_project_nonneg_is_bit_identical_to_manual_maximum():
 
 
 def test_adam_then_project_box_is_bit_identical_to_manual_clip():
-  lo, hi = -0.03, 0.07
+  # Bounds given as float32 numbers: Box rounds a bound that float32 cannot
+  # hold inwards (see the next test), while jnp.clip rounds it to nearest.
+  lo, hi = np.float32(-0.03), np.float32(0.07)
   tx = optax.chain(optax.adam(1e-2), posconstr.project_box(lo, hi))
   params = jax.tree.map(lambda x: jnp.clip(x, lo, hi), _mlp_params(0.05))
   final, clipped = _train_against_reference(
       tx, lambda x: jnp.clip(x, lo, hi), params)
   assert clipped > 100
   leaves = jax.tree.leaves(final)
-  assert all(bool(jnp.all((x >= np.float32(lo)) & (x <= np.float32(hi))))
-             for x in leaves)
-  assert sum(int(jnp.sum(x == np.float32(lo))) for x in leaves) > 20
+  assert all(bool(jnp.all((x >= lo) & (x <= hi))) for x in leaves)
+  assert sum(int(jnp.sum(x == lo)) for x in leaves) > 20
+
+
+def test_box_rounds_unrepresentable_bounds_inwards():
+  # float32(0.07) > 0.07 and float32(-0.03) < -0.03: jnp.clip with the Python
+  # floats leaves points just outside the real box; Box does not.
+  assert float(np.float32(0.07)) > 0.07 and float(np.float32(-0.03)) < -0.03
+  p = jnp.array([1.0, -1.0], jnp.float32)
+  tx = posconstr.project_box(-0.03, 0.07)
+  new = optax.apply_updates(p, tx.update(jnp.zeros(2), tx.init(p), p)[0])
+  clipped = np.asarray(jnp.clip(p, -0.03, 0.07))
+  assert float(new[0]) <= 0.07 and float(new[1]) >= -0.03
+  assert new[0] == np.nextafter(clipped[0], np.float32(0))
+  assert new[1] == np.nextafter(clipped[1], np.float32(0))
 
 
 def test_projection_is_not_a_no_op_without_it():
