@@ -22,10 +22,15 @@ from posconstr._parameterizations import ReLU
 from posconstr._parameterizations import Sigmoid
 from posconstr._parameterizations import Softplus
 from posconstr._parameterizations import Square
+from posconstr._projected import ProjectedState
+from posconstr._projected import projected
 from posconstr._projection import ProjectionState
 from posconstr._projection import project
 from posconstr._projection import project_box
 from posconstr._projection import project_nonneg
+from posconstr._report import LeafReport
+from posconstr._report import constraint_report
+from posconstr._report import format_report
 from posconstr._reparam import dead_fraction
 from posconstr._reparam import reparam
 from posconstr._reparam import unreparam
@@ -42,9 +47,11 @@ __all__ = (
     "Constraint",
     "MaxNorm",
     "Exp",
+    "LeafReport",
     "MinMaxNorm",
     "NonNegative",
     "Parameterization",
+    "ProjectedState",
     "ProjectionState",
     "ReLU",
     "Sigmoid",
@@ -55,13 +62,16 @@ __all__ = (
     "chain",
     "check_projection_last",
     "constrain",
+    "constraint_report",
     "dead_fraction",
+    "format_report",
     "initializers",
     "linen",
     "nnx",
     "project",
     "project_box",
     "project_nonneg",
+    "projected",
     "reparam",
     "unreparam",
 )

@@ -7,11 +7,13 @@ from typing import Any, List
 
 import optax
 
+from posconstr import _projected
 from posconstr import _projection
 
 
 def _contains_projection(state) -> bool:
-  if isinstance(state, _projection.ProjectionState):
+  if isinstance(state, (_projection.ProjectionState,
+                        _projected.ProjectedState)):
     return True
   if isinstance(state, dict):
     return any(_contains_projection(v) for v in state.values())

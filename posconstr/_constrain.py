@@ -8,7 +8,6 @@ import optax
 
 from posconstr import _constraint
 from posconstr import _projection
-from posconstr import _selection
 
 
 def constrain(
@@ -51,12 +50,8 @@ def constrain(
     >>> new["Dense_0"]["kernel"], new["Dense_0"]["bias"]
     (Array([0.], dtype=float32), Array([-1.], dtype=float32))
   """
-  rules = _selection.check_rules(rules, "constrain", _constraint.Constraint,
-                                 "constraint set")
-  for pattern, value in rules.items():
-    if value is not None:
-      _projection.check_constraint_arg(value, f"rules[{pattern!r}]",
-                                       "constrain")
+  if not isinstance(rules, Mapping):
+    raise TypeError("constrain: `rules` must be a mapping from path patterns "
+                    f"to constraint sets, got {type(rules).__name__}.")
   return _projection.projection_from_plan(
-      lambda params: _selection.plan_from_rules(params, rules, "constrain"),
-      "constrain")
+      _projection.plan_maker(rules, None, "constrain"), "constrain")

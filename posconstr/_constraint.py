@@ -40,6 +40,15 @@ class Constraint(abc.ABC):
   def violation(self, x: jax.Array) -> jax.Array:
     """Returns a scalar >= 0 that is 0 iff ``x`` lies in the set."""
 
+  @abc.abstractmethod
+  def active(self, x: jax.Array) -> jax.Array:
+    """Boolean mask, shaped like ``x``: coordinates on the set's boundary."""
+
+  @abc.abstractmethod
+  def pushing_out(self, x: jax.Array, grad: jax.Array) -> jax.Array:
+    """Boolean mask: active coordinates where the descent direction
+    ``-grad`` points out of the set (a projected step would not move them)."""
+
   def check_leaf(self, shape: Sequence[int], dtype: Any, path: str = "x"):
     """Raises ``ValueError`` if the set cannot apply to such a leaf."""
     del shape, dtype, path

@@ -111,6 +111,23 @@ class _Interval(base.Constraint):
                        f"{np.shape(self.upper)} do not broadcast to {x.shape}.")
     return y
 
+  def _masks(self, x):
+    lo, hi = self.bounds_in(x.dtype)
+    none = jnp.zeros(x.shape, bool)
+    at_lower = none if lo is None else x <= lo
+    at_upper = none if hi is None else x >= hi
+    return at_lower, at_upper
+
+  def active(self, x):
+    x = jnp.asarray(x)
+    at_lower, at_upper = self._masks(x)
+    return at_lower | at_upper
+
+  def pushing_out(self, x, grad):
+    x = jnp.asarray(x)
+    at_lower, at_upper = self._masks(x)
+    return (at_lower & (grad > 0)) | (at_upper & (grad < 0))
+
   def violation(self, x):
     x = jnp.asarray(x)
     acc = base.accumulation_dtype(x.dtype)

@@ -55,6 +55,32 @@ class _RadialNorm(base.Constraint):
       y = jnp.where(positive, y, uniform)
     return y.astype(x.dtype)
 
+  def _sides(self, x):
+    """Per-slice masks (keepdims): norm at the max side, at the min side."""
+    axes = self._axes(x)
+    acc = base.accumulation_dtype(x.dtype)
+    norm = base.safe_norm(x.astype(acc), axes)
+    rtol = base.rounding_tolerance(x.dtype, base.slice_size(x.shape, axes))
+    at_max = norm >= self.max_value * (1 - rtol)
+    at_min = (norm <= self.min_value * (1 + rtol)) if self.min_value > 0 else (
+        jnp.zeros_like(at_max))
+    return axes, at_max, at_min
+
+  def active(self, x):
+    x = jnp.asarray(x)
+    _, at_max, at_min = self._sides(x)
+    return jnp.broadcast_to(at_max | at_min, x.shape)
+
+  def pushing_out(self, x, grad):
+    """Slices on a norm bound whose descent direction crosses it."""
+    x = jnp.asarray(x)
+    axes, at_max, at_min = self._sides(x)
+    acc = base.accumulation_dtype(x.dtype)
+    radial = jnp.sum(x.astype(acc) * jnp.asarray(grad).astype(acc), axis=axes,
+                     keepdims=True)
+    out = (at_max & (radial < 0)) | (at_min & (radial > 0))
+    return jnp.broadcast_to(out, x.shape)
+
   def violation(self, x):
     x = jnp.asarray(x)
     axes = self._axes(x)

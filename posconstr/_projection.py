@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -30,6 +30,36 @@ def _is_plan_leaf(x) -> bool:
   return x is None or isinstance(x, _constraint.Constraint)
 
 
+def require_params(params, owner: str) -> None:
+  if params is None:
+    raise ValueError(
+        f"{owner} needs the current parameters: call "
+        "`tx.update(updates, state, params)`. (It turns updates u into "
+        "P(p + u) - p, which depends on p.)")
+
+
+def map_plan(plan: list, fn: Callable, tree, params, owner: str):
+  """``fn(constraint, leaf, param)`` on the planned leaves of ``tree``.
+
+  Leaves whose plan entry is None are returned as they are (no work).
+  """
+  treedef = jax.tree.structure(params)
+  try:
+    treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{owner}: the updates tree does not match the params "
+                     f"tree: {e}") from e
+  return jax.tree.map(
+      lambda c, x, p: x if c is None else fn(c, x, p),
+      treedef.unflatten(plan), tree, params, is_leaf=_is_plan_leaf)
+
+
+def land(plan: list, updates, params, owner: str):
+  """Updates that make ``apply_updates`` land on the projection, per plan."""
+  return map_plan(plan, lambda c, u, p: _landing.landing_update(p, u, c),
+                  updates, params, owner)
+
+
 def projection_from_plan(make_plan: Callable[[Any], list],
                          owner: str) -> optax.GradientTransformation:
   """A projection whose per-leaf constraints come from ``make_plan(params)``.
@@ -43,30 +73,28 @@ def projection_from_plan(make_plan: Callable[[Any], list],
     return ProjectionState()
 
   def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError(
-          f"{owner} needs the current parameters: call "
-          "`tx.update(updates, state, params)`. (It turns updates u into "
-          "P(p + u) - p, which depends on p.)")
-    plan = make_plan(params)
-    treedef = jax.tree.structure(params)
-    try:
-      treedef.flatten_up_to(updates)
-    except (ValueError, TypeError) as e:
-      raise ValueError(f"{owner}: the updates tree does not match the params "
-                       f"tree: {e}") from e
-    plan_tree = treedef.unflatten(plan)
-
-    def one_leaf(constraint, update, param):
-      if constraint is None:
-        return update  # Unselected: returned as is, no work.
-      return _landing.landing_update(param, update, constraint)
-
-    new_updates = jax.tree.map(one_leaf, plan_tree, updates, params,
-                               is_leaf=_is_plan_leaf)
-    return new_updates, state
+    require_params(params, owner)
+    return land(make_plan(params), updates, params, owner), state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def plan_maker(constraint_or_rules, mask, owner: str) -> Callable:
+  """``params -> plan`` for one set with ``mask=``, or a rules mapping."""
+  if isinstance(constraint_or_rules, Mapping):
+    if mask is not None:
+      raise ValueError(f"{owner}: `mask` is only allowed with a single "
+                       "constraint set, not with a rules mapping.")
+    rules = _selection.check_rules(constraint_or_rules, owner,
+                                   _constraint.Constraint, "constraint set")
+    for pattern, value in rules.items():
+      if value is not None:
+        check_constraint_arg(value, f"rules[{pattern!r}]", owner)
+    return lambda params: _selection.plan_from_rules(params, rules, owner)
+  check_constraint_arg(constraint_or_rules, "constraint", owner)
+  _selection.check_mask_arg(mask, owner)
+  return lambda params: _selection.plan_from_mask(
+      params, constraint_or_rules, mask, owner)
 
 
 def check_constraint_arg(constraint, name: str, owner: str) -> None:
@@ -121,12 +149,9 @@ def project(constraint: _constraint.Constraint,
     >>> optax.apply_updates(params, updates)["w"]
     Array([0., 1.], dtype=float32)
   """
-  owner = f"project({constraint!r})"
   check_constraint_arg(constraint, "constraint", "project")
-  _selection.check_mask_arg(mask, owner)
-  return projection_from_plan(
-      lambda params: _selection.plan_from_mask(params, constraint, mask, owner),
-      owner)
+  owner = f"project({constraint!r})"
+  return projection_from_plan(plan_maker(constraint, mask, owner), owner)
 
 
 def project_nonneg(eps: float = 0.0,

@@ -1,0 +1,92 @@
+"""A bound-aware wrapper around any Optax optimizer: ``projected``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import optax
+
+from posconstr import _projection
+
+
+class ProjectedState(NamedTuple):
+  """State of :func:`projected`: the wrapped optimizer's state."""
+
+  inner_state: Any
+
+
+def _drop_outward(constraint, grad, param):
+  """Zeroes gradient components that point out of the set at the bound."""
+  if not constraint.elementwise:
+    return grad
+  return jnp.where(constraint.pushing_out(param, grad), jnp.zeros_like(grad),
+                   grad)
+
+
+def projected(inner: optax.GradientTransformation, constraint,
+              mask=None) -> optax.GradientTransformationExtraArgs:
+  r"""Wraps an optimizer so that it respects a constraint set.
+
+  Two things happen in each ``update``:
+
+  1. For **elementwise** sets (:class:`~posconstr.NonNegative`,
+     :class:`~posconstr.Box`), the gradient components that point out of the
+     set at coordinates already on the bound are zeroed *before* ``inner``
+     sees them: the projected gradient of bound-constrained optimization
+     (Bertsekas, "Projected Newton methods for optimization problems with
+     simple constraints", 1982). Momentum then stops accumulating into the
+     bound, so a weight leaves it on the first step after its gradient
+     turns, instead of staying stuck while Adam's or momentum's state drains
+     (6 steps for Adam, 66 for momentum 0.99 in the scenario of the tests).
+  2. The step is projected exactly as :func:`posconstr.project` does: the
+     new parameters are :math:`P_C(p + u)`, bit for bit.
+
+  For **non-elementwise** sets (simplex, norm balls) only step 2 happens:
+  the tangent cone of those sets is not a per-coordinate condition, and
+  masking coordinates would bias the optimizer, so the gradient is passed
+  through unchanged.
+
+  ``projected`` is a whole optimizer, not a link: use it in place of
+  ``inner`` (it may itself be a chain). Nothing may come after it.
+
+  Args:
+    inner: any Optax optimizer (``optax.adam(1e-3)``, a chain, ...).
+    constraint: a constraint set, or a rules mapping
+      ``{pattern: constraint or None}`` as in :func:`posconstr.constrain`.
+    mask: with a single set, which leaves (see :func:`posconstr.project`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`ProjectedState`; ``update`` requires ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, posconstr
+    >>> tx = posconstr.projected(optax.adam(0.1), posconstr.NonNegative())
+    >>> params = {"w": jnp.array([0.0, 1.0])}
+    >>> state = tx.init(params)
+    >>> grads = {"w": jnp.array([1.0, 1.0])}  # pushes w[0] out of the set
+    >>> updates, state = tx.update(grads, state, params)
+    >>> optax.apply_updates(params, updates)["w"]
+    Array([0. , 0.9], dtype=float32)
+    >>> float(state.inner_state[0].mu["w"][0])  # no momentum into the bound
+    0.0
+  """
+  owner = "projected"
+  make_plan = _projection.plan_maker(constraint, mask, owner)
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    make_plan(params)
+    return ProjectedState(inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _projection.require_params(params, owner)
+    plan = make_plan(params)
+    grads = _projection.map_plan(plan, _drop_outward, updates, params, owner)
+    steps, inner_state = inner.update(grads, state.inner_state, params,
+                                      **extra_args)
+    return (_projection.land(plan, steps, params, owner),
+            ProjectedState(inner_state))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
