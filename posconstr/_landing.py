@@ -67,9 +67,23 @@ def landing_update(param, update, constraint):
   update = jnp.asarray(update)
   stepped = (param + update).astype(param.dtype)  # as optax.apply_updates
   target = constraint.project(stepped)
-  delta = target - param
   if constraint.elementwise:
-    lo, hi = constraint.bounds_in(param.dtype)
-    if not (_statically_zero(lo) and _statically_zero(hi)):
-      delta = _nudged(param, target, delta, lo, hi)
+    delta = delta_to(param, target, *constraint.bounds_in(param.dtype))
+  else:
+    delta = target - param
   return jnp.where(target == stepped, update, delta)
+
+
+def delta_to(param, target, lower=None, upper=None):
+  """``d`` with ``param + d == target`` in ``param``'s dtype when possible.
+
+  ``target`` must lie in ``[lower, upper]`` (bounds in ``param``'s dtype,
+  or None). When no float ``d`` hits ``target`` exactly, the landing point
+  is a neighbour that is still within the bounds.
+  """
+  delta = target - param
+  if _statically_zero(lower) and _statically_zero(upper):
+    # Bounds at 0 or none: t - p lands exactly on a bound at 0 and, by
+    # monotone rounding, never crosses it elsewhere.
+    return delta
+  return _nudged(param, target, delta, lower, upper)
