@@ -12,6 +12,10 @@ from posconstr._constrain import constrain
 from posconstr._constraint import Constraint
 from posconstr._intervals import Box
 from posconstr._intervals import NonNegative
+from posconstr._lbfgsb import LbfgsbResult
+from posconstr._lbfgsb import minimize
+from posconstr._lbfgsb_transform import LbfgsbState
+from posconstr._lbfgsb_transform import lbfgsb
 from posconstr._norms import MaxNorm
 from posconstr._norms import MinMaxNorm
 from posconstr._norms import UnitNorm
@@ -47,6 +51,8 @@ __all__ = (
     "Constraint",
     "MaxNorm",
     "Exp",
+    "LbfgsbResult",
+    "LbfgsbState",
     "LeafReport",
     "MinMaxNorm",
     "NonNegative",
@@ -66,7 +72,9 @@ __all__ = (
     "dead_fraction",
     "format_report",
     "initializers",
+    "lbfgsb",
     "linen",
+    "minimize",
     "nnx",
     "project",
     "project_box",

@@ -206,8 +206,8 @@ class Box(_Interval):
             f"{hi.shape} do not broadcast together.") from None
       if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])
-        lv = np.broadcast_to(lo, bad.shape)[index]
-        uv = np.broadcast_to(hi, bad.shape)[index]
+        lv = np.broadcast_to(lo, bad.shape)[index].item()
+        uv = np.broadcast_to(hi, bad.shape)[index].item()
         where = f" at index {index}" if index else ""
         raise ValueError(
             f"Box: `lower` must be <= `upper`, got lower={lv!r} > "
