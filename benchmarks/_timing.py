@@ -15,7 +15,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence

@@ -144,7 +144,7 @@ def minimize(fun: Callable[[Any], jax.Array], x0, lower=None, upper=None, *,
     >>> result = posconstr.minimize(lambda x: 0.5 * jnp.sum((A @ x - b) ** 2),
     ...                             jnp.ones(2), lower=0.0)
     >>> [round(float(v), 4) for v in result.params], bool(result.converged)
-    ([0.1714, 0.0], True)
+    ([0.0, 0.0714], True)
   """
   if int(maxiter) < 0 or int(memory_size) < 1 or int(max_linesearch_steps) < 1:
     raise ValueError(

@@ -87,7 +87,7 @@ def lbfgsb(learning_rate: Optional[float] = None, memory_size: int = 10,
     ...                               value_fn=f)
     ...   x = optax.apply_updates(x, updates)
     >>> [round(float(v), 4) for v in x]
-    [0.1714, 0.0]
+    [0.0, 0.0714]
   """
   if int(memory_size) < 1 or int(max_linesearch_steps) < 1:
     raise ValueError(f"lbfgsb: need memory_size >= 1 and "

@@ -219,7 +219,8 @@ class Softplus(_LowerBounded):
     return self.eps + _softplus(self.beta * z) / self.beta
 
   def _inverse(self, w):
-    v = self.beta * (w - self.eps)
+    # For beta < 1, beta * (smallest normal) is subnormal and flushes to 0.
+    v = jnp.maximum(self.beta * (w - self.eps), _tiny(w.dtype))
     return (v + jnp.log(-jnp.expm1(-v))) / self.beta
 
 
@@ -309,10 +310,11 @@ class Sigmoid(Parameterization):
   r"""``w = lower + (upper - lower) * sigmoid(z)``: a box.
 
   **Saturation**: for large ``|z|`` the derivative vanishes (in float32 the
-  value rounds onto a bound at ``|z| > 17``), and such latents barely move;
-  ``dead`` counts them. The inverse is the logit of the relative position;
-  the bounds themselves (not attained) are clamped by one float32 ulp of the
-  relative position, giving latents of about ``+-17``.
+  value rounds onto the upper bound at ``z > 17``), and such latents barely
+  move; ``dead`` counts them. The inverse is the logit of the relative
+  position; the bounds themselves (not attained) are clamped to the smallest
+  normal relative position (latent about -87 in float32) and to one ulp
+  below 1 (latent about +17).
   """
 
   def __init__(self, lower: float = 0.0, upper: float = 1.0):
@@ -345,5 +347,7 @@ class Sigmoid(Parameterization):
   def _inverse(self, w):
     u = (w - self.lower) / (self.upper - self.lower)
     step = float(jnp.finfo(w.dtype).epsneg)
-    u = jnp.clip(u, step, 1 - step)
+    # Near 0 the relative position keeps full relative precision: clamp only
+    # to the smallest normal number there, but to one ulp below 1 at the top.
+    u = jnp.clip(u, _tiny(w.dtype), 1 - step)
     return jnp.log(u) - jnp.log1p(-u)

@@ -53,14 +53,18 @@ def make_plan(tree, rules: Rules, mask, owner: str) -> list:
 
 
 def check_rules_arg(rules: Rules, mask, owner: str) -> Rules:
+  if isinstance(rules, _constraint.Constraint):
+    check_parameterization_arg(rules, "rules", owner)  # TypeError with a hint.
   if isinstance(rules, _parameterizations.Parameterization):
     _selection.check_mask_arg(mask, owner)
     return rules
   if mask is not None:
     raise ValueError(f"{owner}: `mask` is only allowed with a single "
                      "parameterization, not with a rules mapping.")
-  if isinstance(rules, _constraint.Constraint):
-    check_parameterization_arg(rules, "rules", owner)
+  if isinstance(rules, Mapping):
+    for pattern, value in rules.items():
+      if isinstance(value, _constraint.Constraint):
+        check_parameterization_arg(value, f"rules[{pattern!r}]", owner)
   rules = _selection.check_rules(rules, owner,
                                  _parameterizations.Parameterization,
                                  "parameterization")
