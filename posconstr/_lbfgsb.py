@@ -6,17 +6,10 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from posconstr import _intervals
+from posconstr import _bound_trees
 from posconstr import _lbfgsb_core as core
 from posconstr import _paths
-
-
-def _is_bound_tree(bound) -> bool:
-  if bound is None or isinstance(bound, (int, float, np.ndarray, np.generic)):
-    return False
-  return not hasattr(bound, "shape")
 
 
 def prepare_bounds(params, lower, upper, owner: str):
@@ -25,32 +18,14 @@ def prepare_bounds(params, lower, upper, owner: str):
   ``lower``/``upper``: None, a scalar, or a pytree prefix of ``params``
   whose leaves are None, scalars or arrays broadcastable to the leaf.
   """
-  paths, leaves, treedef = _paths.leaves_with_paths(params)
-
-  def per_leaf(bound, name):
-    if not _is_bound_tree(bound):
-      return [bound] * len(leaves)
-    bound_def = jax.tree.structure(bound, is_leaf=lambda x: x is None)
-    try:
-      subtrees = bound_def.flatten_up_to(params)
-    except (ValueError, TypeError) as e:
-      raise ValueError(f"{owner}: the `{name}` tree does not match the params "
-                       f"tree (it must be a prefix of it): {e}") from e
-    values = jax.tree.leaves(bound, is_leaf=lambda x: x is None)
-    return [v for v, sub in zip(values, subtrees) for _ in jax.tree.leaves(sub)]
-
   los, his = [], []
-  for path, leaf, lo, hi in zip(paths, leaves, per_leaf(lower, "lower"),
-                                per_leaf(upper, "upper")):
+  boxes = _bound_trees.leaf_boxes(params, lower, upper, owner)
+  for leaf, box in zip(jax.tree.leaves(params), boxes):
     dtype = _paths.leaf_dtype(leaf)
-    try:
-      box = _intervals.Box(lo, hi)
-      box.check_leaf(_paths.leaf_shape(leaf), dtype, path)
-    except (ValueError, TypeError) as e:
-      raise type(e)(f"{owner}: bounds of `{path}`: {e}") from None
-    blo, bhi = box.bounds_in(dtype)
-    los.append(jnp.full((), -jnp.inf, dtype) if blo is None else blo)
-    his.append(jnp.full((), jnp.inf, dtype) if bhi is None else bhi)
+    lo, hi = (None, None) if box is None else box.bounds_in(dtype)
+    los.append(jnp.full((), -jnp.inf, dtype) if lo is None else lo)
+    his.append(jnp.full((), jnp.inf, dtype) if hi is None else hi)
+  treedef = jax.tree.structure(params)
   return treedef.unflatten(los), treedef.unflatten(his)
 
 

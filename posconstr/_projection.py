@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
-import numpy as np
 import optax
 
+from posconstr import _bound_trees
 from posconstr import _constraint
 from posconstr import _intervals
 from posconstr import _landing
-from posconstr import _paths
 from posconstr import _selection
 
 Mask = Any  # None | str | list[str] | bool pytree | Callable[[params], bool pytree]
@@ -174,12 +173,6 @@ def project_nonneg(eps: float = 0.0,
   return project(_intervals.NonNegative(eps), mask)
 
 
-def _is_bound_tree(bound) -> bool:
-  if bound is None or isinstance(bound, (int, float, np.ndarray, np.generic)):
-    return False
-  return not hasattr(bound, "__array__") and not hasattr(bound, "shape")
-
-
 def project_box(lower=None, upper=None,
                 mask: Mask = None) -> optax.GradientTransformation:
   r"""Clips parameters into :math:`[l, u]`: ``project(Box(lower, upper), mask)``.
@@ -197,41 +190,15 @@ def project_box(lower=None, upper=None,
     >>> optax.apply_updates(params, updates)["w"]
     Array([0., 1.], dtype=float32)
   """
-  if not (_is_bound_tree(lower) or _is_bound_tree(upper)):
+  if not (_bound_trees.is_bound_tree(lower)
+          or _bound_trees.is_bound_tree(upper)):
     return project(_intervals.Box(lower, upper), mask)
   owner = "project_box"
   _selection.check_mask_arg(mask, owner)
 
-  def per_leaf(bound, params, name):
-    if not _is_bound_tree(bound):
-      return [bound] * len(jax.tree.leaves(params))
-    bound_def = jax.tree.structure(bound, is_leaf=lambda x: x is None)
-    try:
-      subtrees = bound_def.flatten_up_to(params)
-    except (ValueError, TypeError) as e:
-      raise ValueError(f"{owner}: the `{name}` tree is not a prefix of the "
-                       f"params tree: {e}") from e
-    values = jax.tree.leaves(bound, is_leaf=lambda x: x is None)
-    return [v for v, sub in zip(values, subtrees)
-            for _ in jax.tree.leaves(sub)]
-
   def make_plan(params):
-    paths = _paths.leaves_with_paths(params)[0]
     chosen = _selection.select(params, mask, owner)
-    lows = per_leaf(lower, params, "lower")
-    highs = per_leaf(upper, params, "upper")
-    plan = []
-    for path, leaf, pick, lo, hi in zip(paths, jax.tree.leaves(params),
-                                        chosen, lows, highs):
-      if not pick or (lo is None and hi is None):
-        plan.append(None)
-        continue
-      try:
-        box = _intervals.Box(lo, hi)
-      except (ValueError, TypeError) as e:
-        raise type(e)(f"{owner}: bounds for parameter `{path}`: {e}") from e
-      box.check_leaf(_paths.leaf_shape(leaf), _paths.leaf_dtype(leaf), path)
-      plan.append(box)
-    return plan
+    boxes = _bound_trees.leaf_boxes(params, lower, upper, owner)
+    return [box if pick else None for pick, box in zip(chosen, boxes)]
 
   return projection_from_plan(make_plan, owner)

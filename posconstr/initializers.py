@@ -28,8 +28,10 @@ class ICNNMoments(NamedTuple):
 
 
 def _check(rho, var, bias_noise, alpha):
-  if not -1.0 < rho < 1.0:
-    raise ValueError(f"icnn: `rho` must be in (-1, 1), got {rho!r}.")
+  # Non-negative weights correlate the units: the covariance mu^2 Var(sum h)
+  # is >= 0, so only 0 < rho < 1 is a fixed point (rho = 0 gives mu = 0).
+  if not 0.0 < rho < 1.0:
+    raise ValueError(f"icnn: `rho` must be in (0, 1), got {rho!r}.")
   if not var > 0:
     raise ValueError(f"icnn: `var` must be > 0, got {var!r}.")
   if not 0.0 <= bias_noise < 1.0:
