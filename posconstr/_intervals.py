@@ -90,9 +90,7 @@ class _Interval(base.Constraint):
       return
     lo, hi = self.bounds_in(dtype)
     if base.is_concrete(lo) and base.is_concrete(hi):
-      empty = np.asarray(jnp.broadcast_to(lo > hi, np.broadcast_shapes(
-          np.shape(lo), np.shape(hi))))
-      if empty.any():
+      if np.any(np.asarray(lo) > np.asarray(hi)):  # numpy: no tracing
         raise ValueError(
             f"{owner}: no {np.dtype(dtype).name} value lies between `lower` "
             f"and `upper` (parameter `{path}`); widen the box or use a wider "
