@@ -13,7 +13,8 @@ from posconstr import _paths
 
 def is_bound_tree(bound) -> bool:
   """True for a pytree of bounds; False for None, scalars and arrays."""
-  if bound is None or isinstance(bound, (int, float, np.ndarray, np.generic)):
+  if bound is None or isinstance(bound, (int, float, complex, str, bytes,
+                                       np.ndarray, np.generic)):
     return False
   return not hasattr(bound, "__array__") and not hasattr(bound, "shape")
 

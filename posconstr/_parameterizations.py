@@ -42,6 +42,23 @@ def _softplus_jvp(primals, tangents):
   return y, jnp.where(x >= 0, inv, e * inv) * t
 
 
+@jax.custom_jvp
+def _sigmoid(x):
+  e = jnp.exp(-jnp.abs(x))
+  return jnp.where(x >= 0, 1, e) / (1 + e)
+
+
+@_sigmoid.defjvp
+def _sigmoid_jvp(primals, tangents):
+  # sigmoid' = e / (1 + e)^2 with e = exp(-|x|) is accurate in both tails;
+  # sigmoid * (1 - sigmoid) (jax.nn.sigmoid's rule) is exactly 0 for x > 17
+  # in float32, where 1 - sigmoid rounds to 0, but not for x < -17.
+  (x,), (t,) = primals, tangents
+  e = jnp.exp(-jnp.abs(x))
+  inv = 1 / (1 + e)
+  return jnp.where(x >= 0, 1, e) * inv, e * inv * inv * t
+
+
 def _tiny(dtype):
   return float(jnp.finfo(dtype).tiny)
 
@@ -133,7 +150,9 @@ class Parameterization(abc.ABC):
     """
     value = jnp.asarray(value)
     lower = self._lower()
-    return self.constraint.project(lower + jnp.abs(value - lower))
+    # Exactly the identity on the range (lower + |v - lower| may round).
+    folded = jnp.where(value < lower, lower + (lower - value), value)
+    return self.constraint.project(folded)
 
   @abc.abstractmethod
   def _lower(self) -> float:
@@ -221,7 +240,8 @@ class Softplus(_LowerBounded):
   def _inverse(self, w):
     # For beta < 1, beta * (smallest normal) is subnormal and flushes to 0.
     v = jnp.maximum(self.beta * (w - self.eps), _tiny(w.dtype))
-    return (v + jnp.log(-jnp.expm1(-v))) / self.beta
+    # (w - eps), not v / beta: v overflows for w near the dtype's max, beta > 1.
+    return (w - self.eps) + jnp.log(-jnp.expm1(-v)) / self.beta
 
 
 class Exp(_LowerBounded):
@@ -336,7 +356,7 @@ class Sigmoid(Parameterization):
     return self.lower
 
   def _forward(self, z):
-    return self.lower + (self.upper - self.lower) * jax.nn.sigmoid(z)
+    return self.lower + (self.upper - self.lower) * _sigmoid(z)
 
   def _out_of_range(self, w):
     return (w < self.lower) | (w > self.upper)

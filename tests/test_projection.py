@@ -21,10 +21,10 @@ import posconstr
 def _mlp_params(scale=1.0, key=0):
   k0, k1, k2, k3 = jax.random.split(jax.random.key(key), 4)
   return {
-      "Dense_0": {"kernel": scale * jax.random.normal(k0, (4, 8)),
-                  "bias": scale * jax.random.normal(k1, (8,))},
-      "Dense_1": {"kernel": scale * jax.random.normal(k2, (8, 3)),
-                  "bias": scale * jax.random.normal(k3, (3,))},
+      "Dense_0": {"kernel": scale * jax.random.normal(k0, (4, 4)),
+                  "bias": scale * jax.random.normal(k1, (4,))},
+      "Dense_1": {"kernel": scale * jax.random.normal(k2, (4, 4)),
+                  "bias": scale * jax.random.normal(k3, (4,))},
   }
 
 
@@ -140,7 +140,8 @@ def test_project_with_constraint_object_matches_shorthands():
   p = _mlp_params()
   g = jax.tree.map(lambda x: 3.0 * x, _grads(0, p))
   for short, long in [
-      (posconstr.project_nonneg(0.2), posconstr.project(posconstr.NonNegative(0.2))),
+      (posconstr.project_nonneg(0.2),
+       posconstr.project(posconstr.NonNegative(0.2))),
       (posconstr.project_box(-0.5, 0.25),
        posconstr.project(posconstr.Box(-0.5, 0.25)))]:
     a = short.update(g, short.init(p), p)[0]
@@ -149,10 +150,10 @@ def test_project_with_constraint_object_matches_shorthands():
 
 
 def test_box_with_array_bounds_broadcasts_per_column_like_np_clip():
-  kernel = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)),
+  kernel = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)),
                        jnp.float32)
-  lower = np.linspace(-1.0, -0.1, 8).astype(np.float32)
-  upper = np.linspace(0.1, 1.0, 8).astype(np.float32)
+  lower = np.linspace(-1.0, -0.1, 4).astype(np.float32)
+  upper = np.linspace(0.1, 1.0, 4).astype(np.float32)
   params = {"k": kernel}
   tx = posconstr.project_box(lower, upper)
   zero = {"k": jnp.zeros_like(kernel)}
@@ -338,10 +339,12 @@ def test_bad_box_hyperparameters():
   tx = posconstr.project_box(lower={"a": 0.0, "b": 2.0}, upper=1.0)
   with pytest.raises(ValueError, match=r"parameter `b`.*`lower` must be <="):
     tx.init(p)
-  # A complex scalar is not taken for an array bound: it fails at init.
-  tx = posconstr.project_box(1j, 2.0)
-  with pytest.raises(TypeError, match=r"parameter `a`.*`lower` must be "):
-    tx.init(p)
+  # A complex scalar or a string is not taken for a bound tree: it fails at
+  # construction.
+  with pytest.raises(TypeError, match=r"`lower` must be real"):
+    posconstr.project_box(1j, 2.0)
+  with pytest.raises(TypeError, match=r"`upper` must be a number"):
+    posconstr.project_box(0.0, "a")
 
 
 def test_box_bound_shape_that_does_not_broadcast_names_the_path():
@@ -353,7 +356,8 @@ def test_box_bound_shape_that_does_not_broadcast_names_the_path():
     tx.init(p)
   tx = posconstr.project_box(0.0, {"layer": {"kernel": np.ones(3),
                                              "bias": np.ones(4)}})
-  with pytest.raises(ValueError, match=r"`upper` of shape \(4,\).*`layer/bias`"):
+  with pytest.raises(ValueError,
+                     match=r"`upper` of shape \(4,\).*`layer/bias`"):
     tx.init(p)
   tx = posconstr.project_box({"layer": {"kernel": 0.0}}, None)
   with pytest.raises(ValueError, match=r"`lower` tree is not a prefix"):
