@@ -1,0 +1,3 @@
+"""Test configuration: helper scripts that must not be imported by pytest."""
+
+collect_ignore = ["sharding_check.py"]
