@@ -6,6 +6,9 @@
   variant alike instead of whichever happened to run last.
 * :func:`bytes_accessed` / :func:`cost_summary`: XLA's cost analysis of a
   compiled computation, whatever shape ``cost_analysis()`` returns.
+* :func:`compile_timed`: ahead-of-time compilation, timed.
+* :func:`copy_bandwidth`, :func:`blas_info`: memory bandwidth and numpy's
+  BLAS threads (both skew CPU comparisons with numpy/scipy).
 * :func:`markdown_table`, :func:`write_json`: reporting.
 """
 
@@ -42,6 +45,7 @@ def machine_info() -> Dict[str, Any]:
       "processor": _cpu_model() or platform.processor(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "loadavg_start": loadavg(),
   }
   try:
     import posconstr  # pylint: disable=g-import-not-at-top
@@ -49,6 +53,57 @@ def machine_info() -> Dict[str, Any]:
   except ImportError:  # pragma: no cover
     pass
   return info
+
+
+def loadavg() -> Optional[List[float]]:
+  """1, 5 and 15 minute load averages (other processes skew timings)."""
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:  # pragma: no cover
+    return None
+
+
+def blas_info() -> Optional[List[Dict[str, Any]]]:
+  """numpy's BLAS libraries and their thread counts (needs threadpoolctl)."""
+  try:
+    from threadpoolctl import threadpool_info  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover
+    return None
+  return [{k: d.get(k) for k in ("internal_api", "num_threads", "version",
+                                 "architecture")}
+          for d in threadpool_info() if d.get("user_api") == "blas"]
+
+
+def compile_timed(jitted, *args, **kwargs):
+  """``(compiled, seconds)``: ``jitted.lower(*args, **kwargs).compile()``.
+
+  The seconds cover tracing, lowering and XLA compilation; call the returned
+  ``jax.stages.Compiled`` to time execution alone.
+  """
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args, **kwargs).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 7) -> float:
+  """Bytes/s of a large numpy copy, counting the read and the write.
+
+  The median of ``repeats`` copies of a ``nbytes`` float64 array (make it
+  much larger than the last-level cache to measure main memory).
+  """
+  src = np.ones(max(1, nbytes // 8))
+  dst = np.empty_like(src)
+  np.copyto(dst, src)  # Touch the pages first.
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    np.copyto(dst, src)
+    times.append(time.perf_counter() - t0)
+  return 2 * src.nbytes / float(np.median(times))
+
+
+def fmt_bandwidth(bytes_per_s: Optional[float]) -> str:
+  return "n/a" if bytes_per_s is None else f"{bytes_per_s / 1e9:.1f} GB/s"
 
 
 def _jaxlib_version() -> Optional[str]:
@@ -196,6 +251,34 @@ def cost_summary(compiled) -> Dict[str, Optional[float]]:
     v = cost.get(k)
     out[k] = float(v) if isinstance(v, (int, float)) else None
   return out
+
+
+def temp_bytes(compiled) -> Optional[float]:
+  """Scratch memory XLA allocates for one run (``memory_analysis()``)."""
+  try:
+    return float(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def minor_faults_per_call(fn: Callable[[], Any], calls: int = 3
+                          ) -> Optional[float]:
+  """Minor page faults of this process per call of ``fn`` (Unix only).
+
+  XLA:CPU maps a fresh temp buffer for each run of an executable, so every
+  page of it faults on first touch, each step: a cost that "bytes accessed"
+  does not show.
+  """
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover
+    return None
+  jax.block_until_ready(fn())
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(calls):
+    jax.block_until_ready(fn())
+  after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  return (after - before) / calls
 
 
 def bytes_accessed(compiled) -> Optional[float]:

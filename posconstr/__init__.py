@@ -32,6 +32,7 @@ from posconstr._projection import ProjectionState
 from posconstr._projection import project
 from posconstr._projection import project_box
 from posconstr._projection import project_nonneg
+from posconstr._projection import project_params
 from posconstr._report import LeafReport
 from posconstr._report import constraint_report
 from posconstr._report import format_report
@@ -79,6 +80,7 @@ __all__ = (
     "project",
     "project_box",
     "project_nonneg",
+    "project_params",
     "projected",
     "reparam",
     "unreparam",

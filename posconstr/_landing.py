@@ -6,7 +6,9 @@ The obvious ``d = P(p + u) - p`` does not always land on ``P(p + u)``:
 ``(t - p) + p`` can round away from ``t`` (e.g. ``p = 1``, ``t = 1e-8`` in
 float32 gives 0, outside ``x >= 1e-8``). So, per coordinate:
 
-* where the projection leaves ``p + u`` unchanged, return ``u`` itself:
+* where the projection leaves ``p + u`` unchanged, return ``u`` itself
+  (for norm balls, whose projection is a per-slice scale ``s``, slices with
+  ``s == 1``; elsewhere ``d = u s + p (s - 1)``):
   ``apply_updates`` recomputes the very same ``p + u``;
 * where it moved the point, return ``t - p`` (exact whenever the target is 0);
 * for elementwise sets with non-zero bounds, if ``p + (t - p)`` misses ``t``,
@@ -66,6 +68,13 @@ def landing_update(param, update, constraint):
   param = jnp.asarray(param)
   update = jnp.asarray(update)
   stepped = (param + update).astype(param.dtype)  # as optax.apply_updates
+  if getattr(constraint, "scales_radially", False) and stepped.size:
+    # P(p + u) = (p + u) s, so d = u s + p (s - 1): XLA then keeps only the
+    # norm reduction's input in scratch memory, not also p + u for the update.
+    scale = constraint.radial_scale(stepped)
+    acc = scale.dtype
+    delta = (update.astype(acc) * scale + param.astype(acc) * (scale - 1))
+    return jnp.where(scale == 1, update, delta.astype(param.dtype))
   target = constraint.project(stepped)
   if constraint.elementwise:
     delta = delta_to(param, target, *constraint.bounds_in(param.dtype))

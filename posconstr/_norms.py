@@ -34,6 +34,28 @@ class _RadialNorm(base.Constraint):
   def _axes(self, x):
     return base.normalize_axes(self.axis, x.ndim, repr(self), "x")
 
+  @property
+  def scales_radially(self) -> bool:
+    """True when ``project(x)`` is ``x * radial_scale(x)`` for every ``x``
+    (no minimum norm, so the zero slice needs no special direction)."""
+    return self.min_value == 0
+
+  def _scale(self, xs, axes):
+    """Per-slice (keepdims) scale factor, target norm and ``norm > 0``."""
+    norm = base.safe_norm(xs, axes)
+    inside = (norm >= self.min_value) & (norm <= self.max_value)
+    clipped = jnp.clip(norm, self.min_value, self.max_value)
+    target = self.rate * clipped + (1.0 - self.rate) * norm
+    positive = ~(norm <= 0)  # A NaN slice stays NaN.
+    scale = jnp.where(inside, 1.0, target / jnp.where(positive, norm, 1.0))
+    return scale, target, positive
+
+  def radial_scale(self, x):
+    """The per-slice factor ``s`` (keepdims) with ``project(x) = x * s``."""
+    x = jnp.asarray(x)
+    xs = x.astype(base.accumulation_dtype(x.dtype))
+    return self._scale(xs, self._axes(x))[0]
+
   def project(self, x):
     x = jnp.asarray(x)
     axes = self._axes(x)
@@ -41,12 +63,7 @@ class _RadialNorm(base.Constraint):
       return x
     acc = base.accumulation_dtype(x.dtype)
     xs = x.astype(acc)
-    norm = base.safe_norm(xs, axes)
-    inside = (norm >= self.min_value) & (norm <= self.max_value)
-    clipped = jnp.clip(norm, self.min_value, self.max_value)
-    target = self.rate * clipped + (1.0 - self.rate) * norm
-    positive = ~(norm <= 0)  # A NaN slice stays NaN.
-    scale = jnp.where(inside, 1.0, target / jnp.where(positive, norm, 1.0))
+    scale, target, positive = self._scale(xs, axes)
     y = xs * scale
     if self.min_value > 0:
       # The zero slice has no direction: pick the constant one.

@@ -108,6 +108,26 @@ def check_constraint_arg(constraint, name: str, owner: str) -> None:
         f"{type(constraint).__name__}.{hint}")
 
 
+def project_params(params, constraint, mask: Mask = None):
+  """Projects a whole pytree of parameters onto its sets: a pure function.
+
+  The same selection as :func:`project` (``mask=``) or :func:`constrain`
+  (a rules mapping). Use it to make initial parameters feasible (Keras never
+  applies constraints at initialization), or to project after
+  ``optax.apply_updates`` inside the same jitted step, which for norm sets
+  on XLA:CPU avoids the scratch buffers of the in-optimizer form.
+
+  Example:
+    >>> import jax.numpy as jnp, posconstr
+    >>> params = {"kernel": jnp.array([-1.0, 2.0]), "bias": jnp.array([-3.0])}
+    >>> posconstr.project_params(params, posconstr.NonNegative(), mask="kernel")
+    {'bias': Array([-3.], dtype=float32), 'kernel': Array([0., 2.], dtype=float32)}
+  """
+  plan = plan_maker(constraint, mask, "project_params")(params)
+  return map_plan(plan, lambda c, x, _: c.project(x), params, params,
+                  "project_params")
+
+
 def project(constraint: _constraint.Constraint,
             mask: Mask = None) -> optax.GradientTransformation:
   r"""Projects the parameters onto ``constraint`` after the step.

@@ -1,0 +1,181 @@
+"""What does a reparameterized kernel cost? fwd+bwd of a Dense layer.
+
+One Dense layer ``y = x @ K + b`` (width x width, default 1024) and the loss
+``mean(y**2)``; ``jax.value_and_grad`` with respect to the parameters, jitted
+and compiled ahead. The kernel is ``K = g(latent)`` for:
+
+* ``dense``: no ``g`` (the baseline);
+* ``posconstr Softplus``: :class:`posconstr.Softplus` (a ``custom_jvp`` whose
+  forward and backward share one ``exp``);
+* ``jax.nn.softplus``: the same function from JAX (the peer);
+* ``posconstr Exp`` / ``Square`` / ``ReLU`` / ``Sigmoid``.
+
+All variants run in one process, interleaved round-robin (``_timing``), for
+each batch size (default 128 and 16: at small batches the matmul is cheap and
+the elementwise ``g`` and its backward show). Reported: median time after
+compilation, the median of the per-round ratios to ``dense``, the ratio of
+medians, and XLA's cost analysis of the very executable that is timed
+(bytes accessed, transcendentals), plus the paired ratio of
+``posconstr Softplus`` to ``jax.nn.softplus``.
+
+Usage::
+
+  python -m benchmarks.reparam_overhead                # batches 128,16
+  python -m benchmarks.reparam_overhead --quick        # ~15 s smoke run
+  python -m benchmarks.reparam_overhead --batches 128 --repeats 100 --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, Optional
+
+if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+
+import posconstr
+from benchmarks import _timing
+
+BASELINE = "dense"
+PEER = ("posconstr Softplus", "jax.nn.softplus")
+DEFAULT_OUT = os.path.join("benchmarks", "results", "reparam_overhead.json")
+
+
+def variants() -> Dict[str, Optional[Callable]]:
+  return {
+      "dense": None,
+      "posconstr Softplus": posconstr.Softplus().forward,
+      "jax.nn.softplus": jax.nn.softplus,
+      "posconstr Exp": posconstr.Exp().forward,
+      "posconstr Square": posconstr.Square().forward,
+      "posconstr ReLU": posconstr.ReLU().forward,
+      "posconstr Sigmoid": posconstr.Sigmoid(0.0, 1.0).forward,
+  }
+
+
+def make_step(g: Optional[Callable]):
+  def loss(params, x):
+    kernel = params["latent"] if g is None else g(params["latent"])
+    y = x @ kernel + params["bias"]
+    return jnp.mean(y * y)
+  return jax.value_and_grad(loss)
+
+
+def run_batch(batch: int, width: int, names, args) -> Dict[str, Any]:
+  kk, kx = jax.random.split(jax.random.key(0))
+  params = {"latent": jax.random.normal(kk, (width, width), jnp.float32)
+                      / np.sqrt(width),
+            "bias": jnp.zeros((width,), jnp.float32)}
+  x = jax.random.normal(kx, (batch, width), jnp.float32)
+  specs = variants()
+  compiled, costs, compile_s, checks = {}, {}, {}, {}
+  for name in names:
+    t0 = time.perf_counter()
+    exe = jax.jit(make_step(specs[name])).lower(params, x).compile()
+    compile_s[name] = time.perf_counter() - t0
+    compiled[name] = exe
+    costs[name] = _timing.cost_summary(exe)
+    value, grads = exe(params, x)
+    checks[name] = bool(np.isfinite(float(value))
+                        and all(np.isfinite(np.asarray(v)).all()
+                                for v in jax.tree.leaves(grads)))
+  fns = {name: (lambda exe=exe: exe(params, x)) for name, exe in compiled.items()}
+  times = _timing.interleaved_times(fns, repeats=args.repeats, warmup=args.warmup,
+                                    time_budget_s=args.budget_s,
+                                    min_repeats=args.min_repeats)
+  base = times[BASELINE]
+  base_median = _timing.summarize(base)["median_s"]
+  rows = {}
+  for name in names:
+    summary = _timing.summarize(times[name])
+    rows[name] = {
+        "times_s": times[name], **summary,
+        "ratio_of_medians": summary["median_s"] / base_median,
+        "paired_ratio": _timing.paired_ratio(times[name], base),
+        "bytes_accessed": costs[name]["bytes accessed"],
+        "flops": costs[name]["flops"],
+        "transcendentals": costs[name]["transcendentals"],
+        "compile_s": compile_s[name],
+        "finite": checks[name],
+    }
+  result = {"batch": batch, "width": width, "repeats": len(base), "variants": rows}
+  if all(p in times for p in PEER):
+    result["softplus_vs_jax"] = _timing.paired_ratio(times[PEER[0]], times[PEER[1]])
+  return result
+
+
+def table(result) -> str:
+  headers = ["kernel", "median", "IQR", "paired ratio [q1, q3]", "ratio of medians",
+             "bytes accessed", "transcendentals"]
+  rows = []
+  for name, v in result["variants"].items():
+    pr = v["paired_ratio"]
+    tr = v["transcendentals"]
+    rows.append([name, _timing.fmt_time(v["median_s"]),
+                 f"{_timing.fmt_time(v['q1_s'])}-{_timing.fmt_time(v['q3_s'])}",
+                 f"{pr['median']:.3f}x [{pr['q1']:.3f}, {pr['q3']:.3f}]",
+                 _timing.fmt_ratio(v["ratio_of_medians"]),
+                 _timing.fmt_bytes(v["bytes_accessed"]),
+                 "n/a" if tr is None else f"{tr:.3g}"])
+  text = (f"### fwd+bwd, Dense {result['width']}x{result['width']}, batch "
+          f"{result['batch']}, {result['repeats']} interleaved rounds\n\n"
+          + _timing.markdown_table(headers, rows))
+  if "softplus_vs_jax" in result:
+    r = result["softplus_vs_jax"]
+    text += (f"\n\nposconstr Softplus / jax.nn.softplus (paired): "
+             f"{r['median']:.3f}x [{r['q1']:.3f}, {r['q3']:.3f}]")
+  return text
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--batches", default="128,16", help="comma-separated batch sizes.")
+  ap.add_argument("--width", type=int, default=1024)
+  ap.add_argument("--quick", action="store_true", help="few repeats (~15 s).")
+  ap.add_argument("--variants", default=None,
+                  help="comma-separated subset of: " + ", ".join(variants()))
+  ap.add_argument("--repeats", type=int, default=None,
+                  help="interleaved rounds per batch size (default 60; quick 12).")
+  ap.add_argument("--min-repeats", type=int, default=10)
+  ap.add_argument("--budget-s", type=float, default=None,
+                  help="per batch size: stop adding rounds after this many "
+                       "seconds (at least --min-repeats rounds).")
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--out", default=DEFAULT_OUT, help="JSON output path.")
+  args = ap.parse_args(argv)
+  if args.quick:
+    args.repeats = args.repeats or 12
+    args.budget_s = args.budget_s or 5.0
+    args.min_repeats = min(args.min_repeats, 6)
+  args.repeats = args.repeats or 60
+  names = list(variants())
+  if args.variants:
+    names = [s.strip() for s in args.variants.split(",")]
+    unknown = [s for s in names if s not in variants()]
+    if unknown:
+      ap.error(f"unknown variants {unknown}; choose from {list(variants())}")
+    if BASELINE not in names:
+      names.insert(0, BASELINE)
+
+  info = _timing.machine_info()
+  print(_timing.describe_machine(info), flush=True)
+  results = []
+  for batch in [int(b) for b in args.batches.split(",") if b.strip()]:
+    result = run_batch(batch, args.width, names, args)
+    results.append(result)
+    print("\n" + table(result), flush=True)
+  path = _timing.write_json(args.out, {"machine": info, "args": vars(args),
+                                       "results": results})
+  print(f"\nwrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
