@@ -65,9 +65,10 @@ def check_projection_last(opt_state: Any) -> None:
   Inspects the structure of an optimizer state (the output of ``tx.init``),
   through ``optax.chain``, ``optax.named_chain``, ``optax.masked``,
   ``optax.inject_hyperparams`` and ``optax.MultiSteps``. A projection may be
-  followed only by other projections. It cannot see stateless Optax links
-  that keep no state of their own type (they all share ``EmptyState``), nor
-  ``optax.keep_params_nonnegative``, whose state is ``EmptyState`` too.
+  followed only by other projections; any link after it is flagged, even a
+  stateless one (its ``EmptyState`` still has a place in the chain). It
+  cannot recognise ``optax.keep_params_nonnegative`` as a projection, since
+  its state is a plain ``EmptyState``.
 
   Example:
     >>> import jax.numpy as jnp, optax, posconstr
