@@ -55,6 +55,13 @@ class Reparameterized(nn.Module):
   named by ``kernel=``/``bias=`` or matched by ``rules`` (relative paths
   inside the module): ``Dense``, ``DenseGeneral``, ``Conv``, ``Einsum``...
 
+  .. warning::
+    A value exactly on an open bound has no finite latent: a zero-initialized
+    bias under ``Softplus``/``Exp`` is stored as the latent of the smallest
+    normal number (about -87 in float32), whose gradient factor is ~1e-38,
+    so it never trains (``posconstr.dead_fraction`` reports it). Give such
+    variables a positive ``bias_init``, or leave them unconstrained.
+
   Attributes:
     module: the linen module to wrap (unbound, e.g. ``nn.Dense(16)``).
     kernel: parameterization of the variable ``kernel``, or None.

@@ -73,7 +73,10 @@ def reparameterize(module: _nnx.Module, rules: Rules, *,
     from_applied: if True (default), the current values are taken as the
       applied weights: folded into the range (``eps + |v - eps|``) and
       replaced in place by their latents, through the stable inverse. If
-      False, the current values are kept as latents.
+      False, the current values are kept as latents. Values exactly on an
+      open bound (a zero bias under ``Softplus``) get the latent of the
+      smallest normal number and effectively never train: exclude them or
+      initialize them above the bound first.
 
   Returns:
     A :class:`Reparameterized` module that owns ``module``.
