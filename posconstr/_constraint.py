@@ -109,7 +109,7 @@ def check_axis(axis, owner: str) -> Axis:
   if isinstance(axis, tuple):
     if not axis:
       raise ValueError(f"{owner}: `axis` must not be an empty tuple.")
-    return tuple(int(a) for a in axis)
+    return tuple(sorted(int(a) for a in axis))  # (1, 0) is (0, 1).
   return int(axis)
 
 
