@@ -49,7 +49,7 @@ class _RadialNorm(base.Constraint):
     inside = (norm >= self.min_value) & (norm <= self.max_value)
     clipped = jnp.clip(norm, self.min_value, self.max_value)
     target = self.rate * clipped + (1.0 - self.rate) * norm
-    positive = norm > 0
+    positive = ~(norm <= 0)  # A NaN slice stays NaN.
     scale = jnp.where(inside, 1.0, target / jnp.where(positive, norm, 1.0))
     return scale, target, positive
 

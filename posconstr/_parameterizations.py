@@ -44,19 +44,18 @@ def _softplus_jvp(primals, tangents):
 
 @jax.custom_jvp
 def _sigmoid(x):
-  e = jnp.exp(-jnp.abs(x))
-  return jnp.where(x >= 0, 1, e) / (1 + e)
+  return jax.nn.sigmoid(x)
 
 
 @_sigmoid.defjvp
 def _sigmoid_jvp(primals, tangents):
-  # sigmoid' = e / (1 + e)^2 with e = exp(-|x|) is accurate in both tails;
-  # sigmoid * (1 - sigmoid) (jax.nn.sigmoid's rule) is exactly 0 for x > 17
-  # in float32, where 1 - sigmoid rounds to 0, but not for x < -17.
+  # sigmoid(x) * sigmoid(-x) is accurate in both tails; jax.nn.sigmoid's
+  # sigmoid * (1 - sigmoid) is exactly 0 for x > 17 in float32 (1 - sigmoid
+  # rounds to 0) while it is ~1e-8 for x < -17: an upper-saturated latent
+  # would get no gradient at all, a lower-saturated one would.
   (x,), (t,) = primals, tangents
-  e = jnp.exp(-jnp.abs(x))
-  inv = 1 / (1 + e)
-  return jnp.where(x >= 0, 1, e) * inv, e * inv * inv * t
+  y = jax.nn.sigmoid(x)
+  return y, y * jax.nn.sigmoid(-x) * t
 
 
 def _tiny(dtype):
