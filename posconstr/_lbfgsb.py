@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from posconstr import _bound_trees
+from posconstr import _constraint
 from posconstr import _lbfgsb_core as core
 from posconstr import _paths
+
+
+def check_options(owner: str, *, ints=(), reals=(), nonnegative=True) -> None:
+  """Type checks of integer and real options, naming the argument.
+
+  ``ints``/``reals``: ``(name, value)`` pairs. Raises ``TypeError`` for a
+  value of the wrong type (``1.5`` or ``"10"`` for an int, ``"1e-3"`` for a
+  real) and, with ``nonnegative``, ``ValueError`` for a concrete real that
+  is negative or NaN.
+  """
+  for name, value in ints:
+    try:
+      operator.index(value)
+    except TypeError:
+      raise TypeError(f"{owner}: `{name}` must be an int, got {value!r} of "
+                      f"type {type(value).__name__}.") from None
+  for name, value in reals:
+    if isinstance(value, bool) or not (
+        isinstance(value, numbers.Real)
+        or (hasattr(value, "dtype") and np.ndim(value) == 0
+            and jnp.issubdtype(value.dtype, jnp.number))):
+      raise TypeError(f"{owner}: `{name}` must be a real number, got "
+                      f"{value!r} of type {type(value).__name__}.")
+    if nonnegative and _constraint.is_concrete(value) and not value >= 0:
+      raise ValueError(f"{owner}: `{name}` must be >= 0, got {value!r}.")
 
 
 def prepare_bounds(params, lower, upper, owner: str):
@@ -121,6 +150,13 @@ def minimize(fun: Callable[[Any], jax.Array], x0, lower=None, upper=None, *,
     >>> [round(float(v), 4) for v in result.params], bool(result.converged)
     ([0.0, 0.0714], True)
   """
+  if not callable(fun):
+    raise TypeError(f"minimize: `fun` must be callable, got {fun!r} of type "
+                    f"{type(fun).__name__}.")
+  check_options("minimize", ints=(
+      ("maxiter", maxiter), ("memory_size", memory_size),
+      ("max_linesearch_steps", max_linesearch_steps)), reals=(
+          ("tol", tol), ("atol", atol), ("eps_active", eps_active)))
   if int(maxiter) < 0 or int(memory_size) < 1 or int(max_linesearch_steps) < 1:
     raise ValueError(
         f"minimize: need maxiter >= 0, memory_size >= 1 and "

@@ -89,6 +89,13 @@ def lbfgsb(learning_rate: Optional[float] = None, memory_size: int = 10,
     >>> [round(float(v), 4) for v in x]
     [0.0, 0.0714]
   """
+  _lbfgsb.check_options("lbfgsb", ints=(
+      ("memory_size", memory_size),
+      ("max_linesearch_steps", max_linesearch_steps)),
+      reals=(("eps_active", eps_active),))
+  if learning_rate is not None and not callable(learning_rate):
+    _lbfgsb.check_options("lbfgsb", reals=(("learning_rate", learning_rate),),
+                          nonnegative=False)
   if int(memory_size) < 1 or int(max_linesearch_steps) < 1:
     raise ValueError(f"lbfgsb: need memory_size >= 1 and "
                      f"max_linesearch_steps >= 1, got memory_size="

@@ -73,6 +73,10 @@ def projected(inner: optax.GradientTransformation, constraint,
     0.0
   """
   owner = "projected"
+  if not (hasattr(inner, "init") and hasattr(inner, "update")):
+    raise TypeError(f"projected: `inner` must be an Optax optimizer (a "
+                    f"GradientTransformation such as optax.adam(1e-3)), got "
+                    f"{inner!r} of type {type(inner).__name__}.")
   make_plan = _projection.plan_maker(constraint, mask, owner)
   inner = optax.with_extra_args_support(inner)
 

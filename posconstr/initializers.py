@@ -6,6 +6,7 @@ All are Flax-style: ``init(key, shape, dtype=jnp.float32) -> array``.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, NamedTuple, Sequence, Union
 
 import jax
@@ -28,6 +29,11 @@ class ICNNMoments(NamedTuple):
 
 
 def _check(rho, var, bias_noise, alpha):
+  for name, value in (("rho", rho), ("var", var), ("bias_noise", bias_noise),
+                      ("alpha", alpha)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      raise TypeError(f"icnn: `{name}` must be a real number, got {value!r} "
+                      f"of type {type(value).__name__}.")
   # Non-negative weights correlate the units: the covariance mu^2 Var(sum h)
   # is >= 0, so only 0 < rho < 1 is a fixed point (rho = 0 gives mu = 0).
   if not 0.0 < rho < 1.0:
@@ -90,6 +96,10 @@ def _fan_in(shape: Sequence[int], in_axis: Union[int, Sequence[int]],
     raise ValueError(f"icnn: a kernel of rank >= 2 is needed, got shape {shape}.")
   ins = [in_axis] if isinstance(in_axis, int) else list(in_axis)
   outs = [out_axis] if isinstance(out_axis, int) else list(out_axis)
+  for name, axes in (("in_axis", ins), ("out_axis", outs)):
+    if any(not -len(shape) <= a < len(shape) for a in axes):
+      raise ValueError(f"icnn: `{name}`={axes if len(axes) > 1 else axes[0]!r}"
+                       f" is out of range for a kernel of shape {shape}.")
   ins = [a % len(shape) for a in ins]
   outs = [a % len(shape) for a in outs]
   receptive = int(np.prod([d for i, d in enumerate(shape)

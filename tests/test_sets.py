@@ -277,7 +277,9 @@ def _vmapped(c, xs):
   return jax.vmap(lambda x: (c.project(x), c.violation(c.project(x))))(xs)
 
 
-@pytest.mark.parametrize("c,inside,ref", SETS, ids=lambda v: repr(v)[:40])
+@pytest.mark.parametrize("c,inside,ref", SETS,
+                         ids=[f"{i}-{type(case[0]).__name__}"
+                              for i, case in enumerate(SETS)])
 def test_dtypes_inside_points_and_vmap(c, inside, ref):
   rng = np.random.default_rng(6)
   x = rng.normal(size=(3, 4)) * 2
@@ -326,7 +328,8 @@ def _grads(c, w, xs):
 
 
 @pytest.mark.parametrize("c,x0,inside", GRAD_POINTS,
-                         ids=lambda v: repr(v)[:30])
+                         ids=[f"{i}-{type(case[0]).__name__}"
+                              for i, case in enumerate(GRAD_POINTS)])
 def test_grad_is_finite_at_zero_and_on_the_boundary(c, x0, inside):
   rng = np.random.default_rng(7)
   w = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
