@@ -142,9 +142,10 @@ def project(constraint: _constraint.Constraint,
     parameters off the set again (``optax.chain(project_nonneg(),
     optax.adam(1e-3))`` is *not* non-negative). :func:`posconstr.chain`
     refuses such chains and :func:`posconstr.check_projection_last` checks an
-    optimizer state. NaN or inf in the updates is never hidden: it reaches
-    the parameters (compose with ``optax.apply_if_finite`` to skip such
-    steps).
+    optimizer state. NaN in the updates is never hidden: it reaches the
+    parameters. An infinite update is projected like any other value, so
+    ``-inf`` towards a lower bound lands on the bound; compose with
+    ``optax.apply_if_finite`` to skip non-finite steps instead.
 
   Args:
     constraint: the set, e.g. :class:`posconstr.NonNegative`.
