@@ -49,3 +49,71 @@ def test_quickstart_smoke(tmp_path):
   assert variants["adam+nonneg"]["min_kernel"] >= 0.0
   assert np.all(variants["adam+nonneg"]["kernels"] >= 0.0)
   assert variants["adam"]["min_kernel"] < 0.0
+
+
+def test_icnn_smoke(tmp_path):
+  icnn = _load_example("icnn")
+  results = icnn.main(["--steps", "5", "--depths", "3", "--out", str(tmp_path),
+                       "--no-progress"])
+
+  figure = tmp_path / "icnn.png"
+  assert results["figure"] == os.path.join(str(tmp_path), "icnn.png")
+  assert figure.is_file() and figure.stat().st_size > 0
+
+  runs = results["runs"]
+  assert {r["method"] for r in runs.values()} == {"he+clip", "icnn+proj",
+                                                  "exp"}
+  for r in runs.values():
+    assert r["depth"] == 3 and len(r["losses"]) == 5
+    assert np.isfinite(r["final_train_loss"])
+    assert 0.0 <= r["test_accuracy"] <= 1.0
+    # Every constrained model is an ICNN: Wz >= 0 and convex energies.
+    assert r["min_wz"] >= 0.0
+    assert r["convex"], (r["method"], r["convexity_gap"])
+    assert r["convexity_gap"] <= icnn.CONVEXITY_TOL
+  assert runs["depth 3 exp"]["min_wz"] > 0.0  # exp(latent) > 0
+  # The check has teeth: the same network with free Wz is not convex.
+  assert results["free_wz_gaps"][3] > 1e-2
+
+
+def test_monotone_smoke(tmp_path):
+  monotone = _load_example("monotone")
+  results = monotone.main(["--steps", "10", "--out", str(tmp_path),
+                           "--no-progress"])
+
+  figure = tmp_path / "monotone.png"
+  assert results["figure"] == os.path.join(str(tmp_path), "monotone.png")
+  assert figure.is_file() and figure.stat().st_size > 0
+
+  variants = results["variants"]
+  assert set(variants) == {"mlp", "monotone-softplus", "monotone-proj"}
+  for metrics in variants.values():
+    assert np.isfinite(metrics["test_rmse"])
+    assert len(metrics["train_losses"]) == 10
+    assert metrics["grads_test"].shape[1] == 2  # bmi, bp
+  for name in ("monotone-softplus", "monotone-proj"):
+    metrics = variants[name]
+    assert metrics["constrained"]
+    # Non-decreasing in bmi and bp at every test point and on the ICE grids.
+    assert np.all(metrics["grads_test"] >= 0.0)
+    assert metrics["neg_grad_frac_test"] == 0.0
+    assert metrics["neg_grad_frac_ice"] == 0.0
+    assert metrics["min_mono_kernel"] >= 0.0
+    for grid, curves in metrics["ice"].values():
+      assert np.all(np.diff(grid) > 0)
+      assert np.all(np.diff(curves, axis=1) >= -1e-4 * np.abs(curves).max())
+  assert variants["monotone-softplus"]["min_mono_kernel"] > 0.0
+  assert variants["mlp"]["min_mono_kernel"] < 0.0  # Free weights.
+
+
+def test_nmf_start_is_scikit_learns_nndsvda():
+  nmf = _load_example("nmf")
+  try:  # Private, but the only way to see scikit-learn's start.
+    from sklearn.decomposition._nmf import _initialize_nmf
+  except ImportError:
+    pytest.skip("sklearn.decomposition._nmf._initialize_nmf is gone")
+  x = nmf.load_data()
+  w0, h0 = nmf.nndsvda(x, nmf.RANK, seed=3)
+  w_ref, h_ref = _initialize_nmf(x, nmf.RANK, init="nndsvda", random_state=3)
+  np.testing.assert_allclose(w0, w_ref, rtol=1e-12, atol=0)
+  np.testing.assert_allclose(h0, h_ref, rtol=1e-12, atol=0)
