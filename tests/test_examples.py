@@ -104,16 +104,3 @@ def test_monotone_smoke(tmp_path):
       assert np.all(np.diff(curves, axis=1) >= -1e-4 * np.abs(curves).max())
   assert variants["monotone-softplus"]["min_mono_kernel"] > 0.0
   assert variants["mlp"]["min_mono_kernel"] < 0.0  # Free weights.
-
-
-def test_nmf_start_is_scikit_learns_nndsvda():
-  nmf = _load_example("nmf")
-  try:  # Private, but the only way to see scikit-learn's start.
-    from sklearn.decomposition._nmf import _initialize_nmf
-  except ImportError:
-    pytest.skip("sklearn.decomposition._nmf._initialize_nmf is gone")
-  x = nmf.load_data()
-  w0, h0 = nmf.nndsvda(x, nmf.RANK, seed=3)
-  w_ref, h_ref = _initialize_nmf(x, nmf.RANK, init="nndsvda", random_state=3)
-  np.testing.assert_allclose(w0, w_ref, rtol=1e-12, atol=0)
-  np.testing.assert_allclose(h0, h_ref, rtol=1e-12, atol=0)
