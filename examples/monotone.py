@@ -33,8 +33,9 @@ over its range, everything else fixed. The table reports the share of
 negative derivatives; the figure shows the ICE curves and their mean, the
 partial dependence.
 
-The data are noisy (a linear model reaches a test R^2 near 0.5) and the
-training set is small (331 patients), so every variant overfits in the end.
+The data are noisy (ordinary least squares, printed below the table as a
+reference, reaches a test R^2 of 0.36 on the default split) and the training
+set is small (331 patients), so the networks overfit when trained long.
 Monotonicity is largely in the data: with a stronger penalty (``--l2 3e-2``)
 the unconstrained network also comes out monotone here. The constrained
 networks are monotone by construction, whatever the penalty, the number of
@@ -66,6 +67,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from sklearn import datasets  # noqa: E402
+from sklearn import linear_model  # noqa: E402
 from sklearn import model_selection  # noqa: E402
 from sklearn import preprocessing  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -109,6 +111,7 @@ def load_data(seed: int, monotone: Sequence[str]) -> Dict[str, Any]:
       "x_test": jnp.asarray(scaler.transform(x_test), jnp.float32),
       "y_test": jnp.asarray((y_test - y_mean) / y_std, jnp.float32),
       "raw_x_train": x_train, "raw_y_train": y_train, "raw_x_test": x_test,
+      "raw_y_test": y_test,
       "scaler": scaler, "y_mean": y_mean, "y_std": y_std,
       "names": [names[i] for i in order], "num_monotone": len(monotone),
   }
@@ -201,7 +204,7 @@ def _mse(model, params, x, y):
 
 
 def kernel_leaves(params, prefix: str = "") -> List[jax.Array]:
-  """The ``kernel`` leaves of the top-level modules whose name has ``prefix``."""
+  """The ``kernel`` leaves of the top-level modules named ``prefix...``."""
   return [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
           if getattr(path[0], "key", "").startswith(prefix)
           and getattr(path[-1], "key", None) == "kernel"]
@@ -313,8 +316,9 @@ def train_variant(variant: Variant, data: Dict[str, Any], steps: int,
     ice_grads.append(grads[offset:offset + size, j])  # Along the sweep.
     offset += size
   ice_grads = np.concatenate(ice_grads)
+  # Jitted: one compilation instead of one per eager op and kernel shape.
   kernels = np.concatenate([np.ravel(k) for k in kernel_leaves(
-      variant.applied_params(params), "Mono_")])
+      jax.jit(variant.applied_params)(params), "Mono_")])
   return {
       "constrained": variant.constrained,
       "test_rmse": float(np.sqrt(np.mean((pred_test - y_test) ** 2))
@@ -479,8 +483,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     results[variant.name] = train_variant(variant, data, args.steps, key,
                                           l2=args.l2, hidden=args.hidden,
                                           progress=not args.no_progress)
+  ols = linear_model.LinearRegression().fit(data["raw_x_train"],
+                                            data["raw_y_train"])
+  ols_rmse = float(np.sqrt(np.mean(
+      (ols.predict(data["raw_x_test"]) - data["raw_y_test"]) ** 2)))
   print()
   print(summary_table(results, args.monotone))
+  print(f"\nReference, ordinary least squares: test RMSE {ols_rmse:.2f}, "
+        f"R^2 {ols.score(data['raw_x_test'], data['raw_y_test']):.3f}; "
+        "coefficients " + ", ".join(
+            f"{n} {c:+.3g}" for n, c in zip(data["names"], ols.coef_)
+            if n in args.monotone) + ".")
   figure = save_figure(results, data, os.path.join(args.out, "monotone.png"))
   print(f"\nSaved figure: {figure}")
   return {"variants": results, "figure": figure}

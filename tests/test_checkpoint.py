@@ -48,7 +48,7 @@ TRANSFORMS = {
                                             pc.NonNegative()),
     # Line-search mode: the state caches value and grad of the new point,
     # which value_and_grad_from_state reuses; they must survive the restore.
-    "lbfgsb": lambda: pc.lbfgsb(memory_size=3, lower=0.0),
+    "lbfgsb": lambda: pc.lbfgsb(memory_size=2, lower=0.0),
 }
 STATE_TYPES = {"adam+project_nonneg": pc.ProjectionState,
                "adam+constrain": pc.ProjectionState,

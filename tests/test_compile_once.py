@@ -60,7 +60,7 @@ TRANSFORMS = {
     "inject_hyperparams(project_nonneg)": lambda: optax.chain(
         optax.adam(0.05),
         optax.inject_hyperparams(pc.project_nonneg)(eps=0.01)),
-    "lbfgsb_fixed_lr": lambda: pc.lbfgsb(0.1, memory_size=3, lower=0.0),
+    "lbfgsb_fixed_lr": lambda: pc.lbfgsb(0.1, memory_size=2, lower=0.0),
 }
 W_SET = {"constrain": pc.MaxNorm(0.5, axis=0)}  # Otherwise w >= 0.
 
@@ -95,7 +95,7 @@ def test_optax_step_traces_once(name):
 def test_lbfgsb_line_search_step_traces_once():
   """``value_fn`` inside the jitted step, value and grad reused from the
   state by ``optax.value_and_grad_from_state``."""
-  tx = pc.lbfgsb(memory_size=3, lower=0.0)
+  tx = pc.lbfgsb(memory_size=2, lower=0.0)
   value_and_grad = optax.value_and_grad_from_state(_loss)
   traces = []
 

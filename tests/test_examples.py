@@ -104,3 +104,47 @@ def test_monotone_smoke(tmp_path):
       assert np.all(np.diff(curves, axis=1) >= -1e-4 * np.abs(curves).max())
   assert variants["monotone-softplus"]["min_mono_kernel"] > 0.0
   assert variants["mlp"]["min_mono_kernel"] < 0.0  # Free weights.
+
+
+def test_nmf_smoke(tmp_path):
+  nmf = _load_example("nmf")
+  results = nmf.main(["--steps", "20", "--sweeps", "2", "--inner", "5",
+                      "--iters", "10", "--out", str(tmp_path),
+                      "--no-progress"])
+
+  figure = tmp_path / "nmf.png"
+  assert results["figure"] == os.path.join(str(tmp_path), "nmf.png")
+  assert figure.is_file() and figure.stat().st_size > 0
+
+  methods = results["methods"]
+  assert set(methods) == {"projected-adam", "anls-minimize", "sklearn-cd",
+                          "sklearn-mu"}
+  x = nmf.load_data()
+  start = methods["sklearn-cd"]["history"]["objectives"][0]
+  for name, metrics in methods.items():
+    w, h = metrics["W"], metrics["H"]
+    assert w.shape == (x.shape[0], nmf.RANK) and h.shape == (nmf.RANK, 64)
+    assert np.all(w >= 0.0) and np.all(h >= 0.0), name
+    assert np.isfinite(metrics["objective"])
+    assert np.isfinite(metrics["kkt_W"]) and np.isfinite(metrics["kkt_H"])
+    # Every method descends from the same NNDSVDa start.
+    objectives = metrics["history"]["objectives"]
+    assert objectives[0] == start
+    assert metrics["objective"] == pytest.approx(objectives[-1])
+    assert objectives[-1] < objectives[0], name
+  # The projections land exactly on the bound: exact zeros, no negatives.
+  assert methods["projected-adam"]["zeros_H"] > 0.0
+  assert methods["anls-minimize"]["zeros_H"] > 0.0
+
+
+def test_nmf_start_is_scikit_learns_nndsvda():
+  nmf = _load_example("nmf")
+  try:  # Private, but the only way to see scikit-learn's start.
+    from sklearn.decomposition._nmf import _initialize_nmf
+  except ImportError:
+    pytest.skip("sklearn.decomposition._nmf._initialize_nmf is gone")
+  x = nmf.load_data()
+  w0, h0 = nmf.nndsvda(x, nmf.RANK, seed=3)
+  w_ref, h_ref = _initialize_nmf(x, nmf.RANK, init="nndsvda", random_state=3)
+  np.testing.assert_allclose(w0, w_ref, rtol=1e-12, atol=0)
+  np.testing.assert_allclose(h0, h_ref, rtol=1e-12, atol=0)

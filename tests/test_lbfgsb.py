@@ -206,6 +206,7 @@ def test_infeasible_x0_is_projected_first(x64):
 
 def test_line_search_never_evaluates_outside_bounds(x64):
   """``fun`` is NaN outside the box; every evaluation is recorded."""
+  jax.effects_barrier()  # callbacks of earlier solves have all landed
   _EVALS.clear()
   r = _rosen_solve(jnp.asarray(_rosen_x0()))  # infeasible x0
   jax.effects_barrier()
@@ -301,9 +302,10 @@ def test_linear_objective_reaches_vertex_without_nan(x64):
   assert not np.any(np.isnan(x))
   np.testing.assert_array_equal(x, np.where(c > 0, lo, hi))
   assert bool(r.converged) and float(r.projected_grad_norm) == 0.0
-  # No failed line search (a NaN/inf metric would cost 20 evaluations).
-  assert int(r.num_fun_evals) <= int(r.num_iter) + 2, (
-      int(r.num_iter), int(r.num_fun_evals))
+  # Measured: 6 iterations, 7 evaluations (unit steps along the scaled
+  # projected gradient). Keeping a y = 0 pair makes the metric NaN, and every
+  # other step then fails and resets the memory (11 iterations).
+  assert int(r.num_iter) <= 6 and int(r.num_fun_evals) == int(r.num_iter) + 1
 
 
 def test_push_pair_skips_small_curvature(x64):
@@ -331,7 +333,8 @@ def _f(p):
   return sum(jnp.sum(v ** 2) for v in jax.tree.leaves(p))
 
 
-_X0 = {"layer": {"w": np.ones((5, 4), np.float32), "b": np.ones(3, np.float32)},
+_X0 = {"layer": {"w": np.ones((5, 4), np.float32),
+                 "b": np.ones(3, np.float32)},
        "v": np.ones(6, np.float32)}
 
 

@@ -92,7 +92,7 @@ def test_clipped_optax_lbfgs_stalls_on_diabetes(x64):
   """ANCHORS: ``optax.lbfgs`` + projection does not converge on NNLS.
 
   Measured over steps 200-300 (float64, from 0): the relative gap oscillates
-  between 8e-8 and 1.6e-2; ``lbfgsb`` reaches 1e-10 in 10 steps.
+  between 8e-8 and 1.6e-2; ``lbfgsb`` reaches 1e-10 within 10 steps.
   """
   X, y, _, f_ref = _diabetes()
   f = _lsq(X, y)

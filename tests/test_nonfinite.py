@@ -2,13 +2,13 @@
 ``optax.apply_if_finite``.
 
 The README promises "NaN is never hidden": a projection passes NaN in the
-updates through to the parameters. ``project``'s docstring says more: "NaN
-or inf in the updates is never hidden". Both are checked for every transform
+updates through to the parameters. Checked for every transform
 (``project``/``project_nonneg``/``project_box``, ``constrain``, ``projected``,
-``lbfgsb``); where inf *is* clipped to a finite bound the test is a strict
-xfail that names the case. Then ``optax.apply_if_finite`` around each
-transform must skip a NaN step bit for bit (params and state unchanged, as
-if the step never happened) and let the next finite step through.
+``lbfgsb``). Infinite updates are documented to be "projected like any other
+value": the result must be exactly P(p + u), clipped where the set bounds
+that side. Then ``optax.apply_if_finite`` around each transform must skip a
+NaN step bit for bit (params and state unchanged, as if the step never
+happened) and let the next finite step through.
 """
 
 import functools
@@ -33,8 +33,8 @@ ELEMENTWISE = ("NonNegative", "Box")
 
 
 def _params():
-  # Column 0 has a coordinate on the lower bound (0.0); every column of
-  # "w" lies in every set above (a point of the simplex, norm 0.5 to 1).
+  # w[0, 0] sits on the lower bound 0; every column of "w" is a point of
+  # the simplex, with norm 0.6 to 0.8.
   w = jnp.array([[0.0, 0.5, 0.2], [0.6, 0.5, 0.3], [0.4, 0.0, 0.5]])
   return {"w": w, "b": jnp.array([0.25, 0.0, 0.75])}
 
@@ -141,27 +141,11 @@ def test_lbfgsb_line_search_rejects_a_nan_gradient_and_says_so():
 
 
 # ------------------------------------------------------------------- inf
-
-# (set, sign of the gradient): the projection of p - lr * (+-inf) onto the
-# set is finite. project()'s docstring says inf is never hidden; these are
-# the cases where it is clipped to the bound instead.
-INF_HIDDEN = {("NonNegative", 1), ("Box", 1), ("Box", -1), ("Simplex", 1)}
-
-
-def _inf_params():
-  out = []
-  for name in SETS:
-    for sign in (1, -1):
-      marks = []
-      if (name, sign) in INF_HIDDEN:
-        marks = [pytest.mark.xfail(strict=True, reason=(
-            "documentation/code mismatch: project() says 'NaN or inf in the "
-            "updates is never hidden', but p + (-inf or +inf) is projected "
-            "onto the finite bound (max(-inf, 0) = 0, clip, simplex), so "
-            "the inf never reaches the parameters"))]
-      out.append(pytest.param(name, sign, marks=marks,
-                              id=f"{name}-{'+' if sign > 0 else '-'}inf"))
-  return out
+#
+# Documented (README, project()): "An infinite update is projected like any
+# other value, so -inf towards a lower bound lands on the bound". So the new
+# parameters are exactly P(p + u), inf and NaN included: finite where the
+# set clips the infinite coordinate, non-finite where it cannot.
 
 
 @pytest.fixture(scope="module")
@@ -170,28 +154,57 @@ def inf_results():
 
   @jax.jit
   def run(params):
-    return {(name, sign): _step(optax.chain(optax.sgd(1.0), pc.project(c)),
-                                params, _grads(sign * jnp.inf, (1, 0)))
-            for name, c in SETS.items() for sign in (1, -1)}
+    out = {}
+    for name, c in SETS.items():
+      for sign in (1, -1):
+        tx = optax.chain(optax.sgd(1.0), pc.project(c))
+        grads = _grads(sign * jnp.inf, (1, 0))
+        by_hand = c.project(params["w"] - grads["w"])
+        out[name, sign] = (_step(tx, params, grads)["w"], by_hand)
+    return out
 
   return jax.tree.map(np.asarray, run(params))
 
 
-@pytest.mark.parametrize("name,sign", _inf_params())
-def test_inf_update_is_not_hidden(inf_results, name, sign):
-  w = inf_results[name, sign]["w"]
-  assert not np.isfinite(w[1, 0]), w
+# Where P(p + u) is finite although u is infinite: the set clips that side.
+INF_CLIPPED = {("NonNegative", 1): 0.0, ("Box", 1): 0.0, ("Box", -1): 1.0,
+               ("Simplex", 1): 0.0}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "by projected's design (it zeroes gradient components that push out of "
-    "the set at coordinates on the bound), a +inf gradient at a weight held "
-    "at 0 is dropped before the optimizer sees it"))
-def test_projected_does_not_drop_an_inf_gradient_at_the_bound():
+@pytest.mark.parametrize("sign", [1, -1], ids=["+inf", "-inf"])
+@pytest.mark.parametrize("name", list(SETS))
+def test_inf_update_is_projected_like_any_value(inf_results, name, sign):
+  new, by_hand = inf_results[name, sign]
+  np.testing.assert_array_equal(new, by_hand)  # NaN == NaN here.
+  if (name, sign) in INF_CLIPPED:  # Lands on the bound, exactly.
+    assert new[1, 0] == INF_CLIPPED[name, sign]
+    assert float(SETS[name].violation(new)) == 0
+  else:  # Nothing to clip it to: it reaches the parameter.
+    assert not np.isfinite(new[1, 0])
+
+
+def test_projected_drops_an_inf_gradient_pushing_out_at_the_bound():
+  """``projected`` zeroes gradient components that push out of the set at
+  coordinates on the bound, +inf included: the weight stays on the bound
+  and Adam's moments get 0, not inf. Elsewhere the inf is not dropped."""
   params = _params()
   tx = pc.projected(optax.adam(0.1), pc.NonNegative())
-  new = jax.jit(lambda p: _step(tx, p, _grads(jnp.inf, (0, 0))))(params)
-  assert not np.isfinite(np.asarray(new["w"])[0, 0])
+
+  @jax.jit
+  def run(params):
+    out = {}
+    for where, at in (("bound", (0, 0)), ("free", (1, 0))):
+      updates, state = tx.update(_grads(jnp.inf, at), tx.init(params), params)
+      out[where] = (optax.apply_updates(params, updates)["w"],
+                    state.inner_state[0].mu["w"])
+    return out
+
+  out = jax.tree.map(np.asarray, run(params))
+  new, mu = out["bound"]
+  assert new[0, 0] == 0 and mu[0, 0] == 0
+  assert np.isfinite(new).all() and np.isfinite(mu).all()
+  new, mu = out["free"]
+  assert np.isinf(mu[1, 0]) and not np.isfinite(new[1, 0])
 
 
 # ------------------------------------------------------ optax.apply_if_finite
@@ -203,12 +216,13 @@ def F(p):  # Distinct curvatures: L-BFGS needs many steps, not one or two.
   return (jnp.sum(CURVATURE * (p["w"] - 0.3) ** 2)
           + jnp.sum(jnp.array([1.0, 2.0, 3.0]) * (p["b"] + 1.0) ** 2))
 
+
 FINITE_SAFE = {
     "project_nonneg": lambda: optax.chain(optax.adam(0.1), pc.project_nonneg()),
     "constrain": lambda: optax.chain(optax.adam(0.1), pc.constrain(
         {"w": pc.Simplex(axis=0), "b": pc.Box(0.0, 1.0)})),
     "projected": lambda: pc.projected(optax.adam(0.1), pc.NonNegative()),
-    "lbfgsb_fixed_lr": lambda: pc.lbfgsb(0.1, memory_size=2, lower=0.0),
+    "lbfgsb_fixed_lr": lambda: pc.lbfgsb(0.1, memory_size=1, lower=0.0),
 }
 FEASIBLE = {
     "project_nonneg": {"w": pc.NonNegative(), "b": pc.NonNegative()},
@@ -308,24 +322,12 @@ def test_apply_if_finite_gives_up_after_max_errors_and_nan_shows(name):
     assert np.isnan(w[1, 0])
 
 
-def _lbfgsb_inf_params():
-  out = []
-  for where in ("free", "bound"):
-    for sign in (1, -1):
-      marks = []
-      if (where, sign) == ("bound", 1):
-        marks = [pytest.mark.xfail(strict=True, reason=(
-            "lbfgsb hides +inf at a weight on its lower bound: the "
-            "coordinate is in the active set, its step -gamma * inf is "
-            "clipped to the bound, and the parameter stays finite"))]
-      out.append(pytest.param(where, sign, marks=marks,
-                              id=f"{where}-{'+' if sign > 0 else '-'}inf"))
-  return out
-
-
-@pytest.mark.parametrize("where,sign", _lbfgsb_inf_params())
-def test_lbfgsb_fixed_step_does_not_hide_an_inf_gradient(where, sign):
-  """The inf reaches its own coordinate (as NaN: inf - inf in the step)."""
+@pytest.mark.parametrize("sign", [1, -1], ids=["+inf", "-inf"])
+@pytest.mark.parametrize("where", ["free", "bound"])
+def test_lbfgsb_fixed_step_with_an_inf_gradient(where, sign):
+  """Like a projection: +inf at a weight on its lower bound (the active
+  set) is clipped to the bound; otherwise the inf reaches its coordinate
+  (as NaN: inf - inf inside the step)."""
   tx, step = _wrapped("lbfgsb_fixed_lr")  # Applied after 1 skipped error.
   at = {"free": (1, 0), "bound": (0, 0)}[where]
   params = _params()
@@ -334,4 +336,8 @@ def test_lbfgsb_fixed_step_does_not_hide_an_inf_gradient(where, sign):
   _assert_same(new, params)
   new, state = step(new, state, grads)
   assert int(state.notfinite_count) == 2
-  assert not np.isfinite(np.asarray(new["w"])[at]), new["w"]
+  w = np.asarray(new["w"])
+  if (where, sign) == ("bound", 1):
+    assert w[at] == 0 and np.isfinite(w).all()
+  else:
+    assert not np.isfinite(w[at]), w
