@@ -4,16 +4,20 @@
 * :func:`interleaved_times`: round-robin timing of several callables, so that
   slow drifts of a noisy machine (frequency, neighbours, page cache) hit every
   variant alike instead of whichever happened to run last.
-* :func:`bytes_accessed` / :func:`cost_summary`: XLA's cost analysis of a
-  compiled computation, whatever shape ``cost_analysis()`` returns.
 * :func:`compile_timed`: ahead-of-time compilation, timed.
 * :func:`copy_bandwidth`, :func:`blas_info`: memory bandwidth and numpy's
   BLAS threads (both skew CPU comparisons with numpy/scipy).
-* :func:`markdown_table`, :func:`write_json`: reporting.
+* :func:`timing_row`, :func:`timing_cells`: one variant's times against the
+  baseline's, as JSON and as table cells.
+* :func:`add_round_args`, :func:`resolve_rounds`, :func:`select_variants`:
+  the command-line options every benchmark shares.
+* :func:`markdown_table`, :func:`write_json`, :func:`start_report`,
+  :func:`finish`: reporting.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -59,7 +63,7 @@ def loadavg() -> Optional[List[float]]:
   """1, 5 and 15 minute load averages (other processes skew timings)."""
   try:
     return [round(x, 2) for x in os.getloadavg()]
-  except OSError:  # pragma: no cover
+  except (OSError, AttributeError):  # pragma: no cover  (not Unix)
     return None
 
 
@@ -211,108 +215,38 @@ def paired_ratio(samples: Sequence[float],
   return {"median": float(med), "q1": float(q1), "q3": float(q3)}
 
 
-def _first_cost_dict(cost) -> Optional[Mapping[str, Any]]:
-  if cost is None:
-    return None
-  if isinstance(cost, Mapping):
-    return cost
-  if isinstance(cost, (list, tuple)):
-    dicts = [c for c in cost if isinstance(c, Mapping)]
-    if not dicts:
-      return None
-    if len(dicts) == 1:
-      return dicts[0]
-    merged: Dict[str, float] = {}
-    for d in dicts:  # One per partition/program: add them up.
-      for k, v in d.items():
-        if isinstance(v, (int, float)):
-          merged[k] = merged.get(k, 0.0) + float(v)
-    return merged
-  return None
+def timing_row(samples: Sequence[float],
+               baseline: Sequence[float]) -> Dict[str, Any]:
+  """One variant's samples, their summary and their ratios to the baseline.
 
+  ``ratio_of_mins`` compares the least disturbed rounds (other processes on
+  a shared machine only ever add time).
 
-def cost_summary(compiled) -> Dict[str, Optional[float]]:
-  """``flops``, ``bytes accessed`` etc. of a ``jax.stages.Compiled``.
-
-  ``cost_analysis()`` has returned a dict, a list of dicts (one per
-  program), or ``None`` across jax versions and backends; missing keys give
-  ``None``.
+  >>> row = timing_row([2.0, 4.0, 6.0], [1.0, 2.0, 2.0])
+  >>> row["median_s"], row["ratio_of_medians"], row["ratio_of_mins"]
+  (4.0, 2.0, 2.0)
+  >>> row["paired_ratio"]["median"]
+  2.0
   """
-  try:
-    cost = _first_cost_dict(compiled.cost_analysis())
-  except Exception:  # pylint: disable=broad-except
-    cost = None
-  keys = ("bytes accessed", "flops", "transcendentals",
-          "bytes accessedout{}", "optimal_seconds")
-  if cost is None:
-    return {k: None for k in keys}
-  out = {}
-  for k in keys:
-    v = cost.get(k)
-    out[k] = float(v) if isinstance(v, (int, float)) else None
-  return out
+  summary = summarize(samples)
+  return {"times_s": list(samples), **summary,
+          "ratio_of_medians": summary["median_s"]
+                              / float(np.median(np.asarray(baseline, float))),
+          "paired_ratio": paired_ratio(samples, baseline),
+          "ratio_of_mins": summary["min_s"] / float(min(baseline))}
 
 
-def temp_bytes(compiled) -> Optional[float]:
-  """Scratch memory XLA allocates for one run (``memory_analysis()``)."""
-  try:
-    return float(compiled.memory_analysis().temp_size_in_bytes)
-  except Exception:  # pylint: disable=broad-except
-    return None
+TIMING_HEADERS = ("median", "IQR", "paired ratio [q1, q3]",
+                  "ratio of medians", "min ratio")
 
 
-def minor_faults_per_call(fn: Callable[[], Any], calls: int = 3
-                          ) -> Optional[float]:
-  """Minor page faults of this process per call of ``fn`` (Unix only).
-
-  XLA:CPU maps a fresh temp buffer for each run of an executable, so every
-  page of it faults on first touch, each step: a cost that "bytes accessed"
-  does not show.
-  """
-  try:
-    import resource  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover
-    return None
-  jax.block_until_ready(fn())
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  for _ in range(calls):
-    jax.block_until_ready(fn())
-  after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  return (after - before) / calls
-
-
-def bytes_accessed(compiled) -> Optional[float]:
-  return cost_summary(compiled)["bytes accessed"]
-
-
-def hlo_stats(compiled) -> Dict[str, int]:
-  """Rough counts from the optimized HLO text of a compiled computation."""
-  try:
-    text = compiled.as_text()
-  except Exception:  # pylint: disable=broad-except
-    return {}
-  lines = text.splitlines()
-  entry = _entry_lines(lines)
-  return {
-      "fusions_total": sum(1 for l in lines if " fusion(" in l
-                           or "= fusion(" in l),
-      "entry_fusions": sum(1 for l in entry if "fusion(" in l),
-      "entry_instructions": sum(1 for l in entry if " = " in l),
-      "hlo_lines": len(lines),
-  }
-
-
-def _entry_lines(lines: Sequence[str]) -> List[str]:
-  out, inside = [], False
-  for l in lines:
-    if l.startswith("ENTRY"):
-      inside = True
-      continue
-    if inside:
-      if l.startswith("}"):
-        break
-      out.append(l)
-  return out
+def timing_cells(row: Mapping[str, Any]) -> List[str]:
+  """Table cells for :data:`TIMING_HEADERS` from a :func:`timing_row`."""
+  pr = row["paired_ratio"]
+  return [fmt_time(row["median_s"]),
+          f"{fmt_time(row['q1_s'])}-{fmt_time(row['q3_s'])}",
+          f"{pr['median']:.3f}x [{pr['q1']:.3f}, {pr['q3']:.3f}]",
+          fmt_ratio(row["ratio_of_medians"]), fmt_ratio(row["ratio_of_mins"])]
 
 
 def fmt_time(seconds: Optional[float]) -> str:
@@ -381,3 +315,79 @@ def _json_default(o):
 
 def eprint(*args, **kwargs) -> None:
   print(*args, file=sys.stderr, flush=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Command line and the end of a run, shared by the benchmark scripts.
+
+
+def add_round_args(ap: argparse.ArgumentParser, default_out: str, *,
+                   repeats: int, quick_repeats: int, min_repeats: int,
+                   warmup: int, quick_help: str) -> None:
+  """--quick, --repeats, --min-repeats, --budget-s, --warmup and --out."""
+  ap.add_argument("--quick", action="store_true", help=quick_help)
+  ap.add_argument("--repeats", type=int, default=None,
+                  help=f"interleaved rounds (default {repeats}; quick "
+                       f"{quick_repeats}).")
+  ap.add_argument("--min-repeats", type=int, default=min_repeats,
+                  help="rounds always run even past --budget-s.")
+  ap.add_argument("--budget-s", type=float, default=None,
+                  help="stop adding rounds after this many seconds (at least "
+                       "--min-repeats rounds).")
+  ap.add_argument("--warmup", type=int, default=warmup,
+                  help="unrecorded rounds first.")
+  ap.add_argument("--out", default=default_out, help="JSON output path.")
+
+
+def resolve_rounds(args: argparse.Namespace, *, repeats: int,
+                   quick_repeats: int, quick_min_repeats: int,
+                   budget_s: Optional[float] = None,
+                   quick_budget_s: Optional[float] = None) -> None:
+  """Fills the round options that :func:`add_round_args` left unset.
+
+  >>> args = argparse.Namespace(quick=True, repeats=None, min_repeats=10,
+  ...                           budget_s=None)
+  >>> resolve_rounds(args, repeats=40, quick_repeats=8, quick_min_repeats=5,
+  ...                budget_s=60.0, quick_budget_s=3.0)
+  >>> args.repeats, args.min_repeats, args.budget_s
+  (8, 5, 3.0)
+  """
+  if args.quick:
+    args.repeats = args.repeats or quick_repeats
+    args.min_repeats = min(args.min_repeats, quick_min_repeats)
+    args.budget_s = args.budget_s or quick_budget_s
+  args.repeats = args.repeats or repeats
+  args.budget_s = args.budget_s or budget_s
+
+
+def select_variants(ap: argparse.ArgumentParser, text: Optional[str],
+                    known: Sequence[str], baseline: str) -> List[str]:
+  """The variants named in comma-separated ``text`` (all if empty), baseline
+  first; an unknown name is a usage error that lists the known ones."""
+  if not text:
+    return list(known)
+  names = [s.strip() for s in text.split(",") if s.strip()]
+  unknown = [s for s in names if s not in known]
+  if unknown:
+    ap.error(f"--variants: unknown {unknown}; choose from {list(known)}")
+  return names if baseline in names else [baseline] + names
+
+
+def start_report(benchmark: str, args: argparse.Namespace) -> Dict[str, Any]:
+  """Prints the machine line; the JSON payload that results are added to."""
+  info = machine_info()
+  print(f"Machine: {describe_machine(info)}; load average "
+        f"{info['loadavg_start']}\n", flush=True)
+  return {"benchmark": benchmark, "machine": info, "config": dict(vars(args)),
+          "results": []}
+
+
+def finish(path: str, payload: Dict[str, Any], t_start: float) -> str:
+  """Records the final load average, writes the JSON and says so."""
+  info = payload["machine"]
+  info["loadavg_end"] = loadavg()
+  path = write_json(path, payload)
+  print(f"Load average (1, 5, 15 min) at start {info['loadavg_start']}, at "
+        f"end {info['loadavg_end']}. Total {time.perf_counter() - t_start:.1f}"
+        f" s; JSON: {path}", flush=True)
+  return path

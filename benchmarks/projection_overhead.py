@@ -38,7 +38,7 @@ gradients, no forward/backward), where the projection's share is largest;
 Usage::
 
   python -m benchmarks.projection_overhead            # 0.2M, 3M, 12M, 40M
-  python -m benchmarks.projection_overhead --quick    # ~20 s smoke run
+  python -m benchmarks.projection_overhead --quick    # ~10 s smoke run
   python -m benchmarks.projection_overhead --sizes 3M,12M --repeats 40
 """
 
@@ -60,6 +60,7 @@ import optax
 
 import posconstr
 from benchmarks import _timing
+from benchmarks import _xla_cost
 
 DEPTH = 3  # Dense layers of width x width: params = DEPTH * (width^2 + width).
 BATCH = 128
@@ -222,14 +223,14 @@ class Runner:
     return (self.params, self.opt_state) + tuple(out[2:])
 
   def costs(self) -> Dict[str, Any]:
-    summaries = [_timing.cost_summary(c) for c in self.compiled]
+    summaries = [_xla_cost.cost_summary(c) for c in self.compiled]
     out = {}
     for key in summaries[0]:
       vals = [s[key] for s in summaries]
       out[key] = None if any(v is None for v in vals) else float(sum(vals))
-    stats = [_timing.hlo_stats(c) for c in self.compiled]
+    stats = [_xla_cost.hlo_stats(c) for c in self.compiled]
     out["entry_fusions"] = sum(s.get("entry_fusions", 0) for s in stats)
-    temps = [_timing.temp_bytes(c) for c in self.compiled]
+    temps = [_xla_cost.temp_bytes(c) for c in self.compiled]
     out["temp_bytes"] = None if None in temps else sum(temps)
     out["executables"] = len(self.compiled)
     return out
@@ -292,18 +293,13 @@ def run_size(n_target, mode, names, args) -> Dict[str, Any]:
     b = costs["bytes accessed"]
     bb = base_costs["bytes accessed"]
     rows[name] = {
-        "times_s": times[name],
-        **_timing.summarize(times[name]),
-        "ratio_of_medians": _timing.summarize(times[name])["median_s"]
-                            / _timing.summarize(base)["median_s"],
-        "paired_ratio": _timing.paired_ratio(times[name], base),
-        "ratio_of_mins": min(times[name]) / min(base),
+        **_timing.timing_row(times[name], base),
         "bytes_accessed": b,
         "bytes_ratio": (b / bb) if (b is not None and bb) else None,
         "flops": costs["flops"],
         "entry_fusions": costs["entry_fusions"],
         "temp_bytes": costs["temp_bytes"],
-        "minor_faults_per_step": _timing.minor_faults_per_call(r),
+        "minor_faults_per_step": _xla_cost.minor_faults_per_call(r),
         "executables": costs["executables"],
         "compile_s": r.compile_s,
         "check": r.check(),
@@ -322,18 +318,12 @@ def run_size(n_target, mode, names, args) -> Dict[str, Any]:
 
 
 def table(result) -> str:
-  headers = ["variant", "median", "IQR", "ratio", "paired ratio [q1, q3]",
-             "min ratio", "bytes accessed", "bytes ratio", "fusions",
-             "XLA temp", "page faults/step"]
+  headers = ["variant", *_timing.TIMING_HEADERS, "bytes accessed",
+             "bytes ratio", "fusions", "XLA temp", "page faults/step"]
   rows = []
   for name, v in result["variants"].items():
-    pr = v["paired_ratio"]
     rows.append([
-        name + (" *" if v.get("note") else ""), _timing.fmt_time(v["median_s"]),
-        f"{_timing.fmt_time(v['q1_s'])}-{_timing.fmt_time(v['q3_s'])}",
-        _timing.fmt_ratio(v["ratio_of_medians"]),
-        f"{pr['median']:.3f}x [{pr['q1']:.3f}, {pr['q3']:.3f}]",
-        _timing.fmt_ratio(v["ratio_of_mins"]),
+        name + (" *" if v.get("note") else ""), *_timing.timing_cells(v),
         _timing.fmt_bytes(v["bytes_accessed"]),
         _timing.fmt_ratio(v["bytes_ratio"], 4),
         v["entry_fusions"], _timing.fmt_bytes(v["temp_bytes"]),
@@ -356,8 +346,6 @@ def main(argv=None) -> int:
   ap.add_argument("--sizes", default=None,
                   help=f"comma-separated parameter counts (default "
                        f"{DEFAULT_SIZES}; --quick: {QUICK_SIZES}).")
-  ap.add_argument("--quick", action="store_true",
-                  help="small sizes, few repeats (~20 s).")
   ap.add_argument("--mode", choices=("train", "update", "both"),
                   default="train",
                   help="time the full train step, the optimizer update "
@@ -365,41 +353,22 @@ def main(argv=None) -> int:
   ap.add_argument("--variants", default=None,
                   help="comma-separated subset of: "
                        + ", ".join(variant_specs()))
-  ap.add_argument("--repeats", type=int, default=None,
-                  help="interleaved rounds per size (default 40; quick 8).")
-  ap.add_argument("--min-repeats", type=int, default=15,
-                  help="rounds always run even past --budget-s.")
-  ap.add_argument("--budget-s", type=float, default=None,
-                  help="per size and mode: stop adding rounds after this "
-                       "many seconds (at least --min-repeats rounds).")
-  ap.add_argument("--warmup", type=int, default=1,
-                  help="unrecorded rounds after compilation (first touch of "
-                       "the buffers; executables are compiled ahead).")
-  ap.add_argument("--out", default=DEFAULT_OUT, help="JSON output path.")
+  _timing.add_round_args(ap, DEFAULT_OUT, repeats=40, quick_repeats=8,
+                         min_repeats=15, warmup=1,
+                         quick_help="small sizes, few repeats (~10 s).")
   ap.add_argument("--dump-hlo", default=None,
                   help="directory for the optimized HLO of every variant.")
   args = ap.parse_args(argv)
 
-  if args.quick:
-    args.sizes = args.sizes or QUICK_SIZES
-    args.repeats = args.repeats or 8
-    args.min_repeats = min(args.min_repeats, 5)
-  args.sizes = args.sizes or DEFAULT_SIZES
-  args.repeats = args.repeats or 40
-  names = list(variant_specs())
-  if args.variants:
-    names = [s.strip() for s in args.variants.split(",")]
-    unknown = [s for s in names if s not in variant_specs()]
-    if unknown:
-      ap.error(f"unknown variants {unknown}; choose from {list(variant_specs())}")
-    if BASELINE not in names:
-      names.insert(0, BASELINE)
+  _timing.resolve_rounds(args, repeats=40, quick_repeats=8,
+                         quick_min_repeats=5)
+  args.sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+  names = _timing.select_variants(ap, args.variants, list(variant_specs()),
+                                  BASELINE)
   modes = ["train", "update"] if args.mode == "both" else [args.mode]
   sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
 
-  info = _timing.machine_info()
-  print(f"Machine: {_timing.describe_machine(info)}\n", flush=True)
-  results = []
+  payload = _timing.start_report("projection_overhead", args)
   t_start = time.perf_counter()
   for mode in modes:
     for n in sizes:
@@ -407,19 +376,11 @@ def main(argv=None) -> int:
       res = run_size(n, mode, names, args)
       res["wall_s"] = time.perf_counter() - t0
       res["loadavg_after"] = _timing.loadavg()
-      results.append(res)
+      payload["results"].append(res)
       print(table(res), f"\n\n({res['wall_s']:.1f} s; load average after: "
             f"{res['loadavg_after']})\n", flush=True)
-      payload = {"benchmark": "projection_overhead", "machine": info,
-                 "config": {k: v for k, v in vars(args).items()},
-                 "results": results}
       _timing.write_json(args.out, payload)  # Partial results survive.
-  info["loadavg_end"] = _timing.loadavg()
-  _timing.write_json(args.out, payload)
-  print(f"Load average (1, 5, 15 min) at start {info['loadavg_start']}, at "
-        f"end {info['loadavg_end']}.")
-  print(f"Total {time.perf_counter() - t_start:.1f} s; JSON: "
-        f"{os.path.abspath(args.out)}")
+  _timing.finish(args.out, payload, t_start)
   return 0
 
 

@@ -22,7 +22,7 @@ medians and of minima (the least disturbed by neighbours), and XLA's cost analys
 Usage::
 
   python -m benchmarks.reparam_overhead                # batches 128,16
-  python -m benchmarks.reparam_overhead --quick        # ~15 s smoke run
+  python -m benchmarks.reparam_overhead --quick        # ~10 s smoke run
   python -m benchmarks.reparam_overhead --batches 128 --repeats 100 --out r.json
 """
 
@@ -43,6 +43,7 @@ import numpy as np
 
 import posconstr
 from benchmarks import _timing
+from benchmarks import _xla_cost
 
 BASELINE = "dense"
 PEER = ("posconstr Softplus", "jax.nn.softplus")
@@ -83,7 +84,7 @@ def run_batch(batch: int, width: int, names, args) -> Dict[str, Any]:
     exe = jax.jit(make_step(specs[name])).lower(params, x).compile()
     compile_s[name] = time.perf_counter() - t0
     compiled[name] = exe
-    costs[name] = _timing.cost_summary(exe)
+    costs[name] = _xla_cost.cost_summary(exe)
     value, grads = exe(params, x)
     checks[name] = bool(np.isfinite(float(value))
                         and all(np.isfinite(np.asarray(v)).all()
@@ -93,16 +94,10 @@ def run_batch(batch: int, width: int, names, args) -> Dict[str, Any]:
                                     time_budget_s=args.budget_s,
                                     min_repeats=args.min_repeats)
   base = times[BASELINE]
-  base_median = _timing.summarize(base)["median_s"]
   rows = {}
   for name in names:
-    summary = _timing.summarize(times[name])
     rows[name] = {
-        "times_s": times[name], **summary,
-        "ratio_of_medians": summary["median_s"] / base_median,
-        # Least disturbed by neighbours on a shared machine.
-        "ratio_of_mins": summary["min_s"] / min(base),
-        "paired_ratio": _timing.paired_ratio(times[name], base),
+        **_timing.timing_row(times[name], base),
         "bytes_accessed": costs[name]["bytes accessed"],
         "flops": costs[name]["flops"],
         "transcendentals": costs[name]["transcendentals"],
@@ -117,17 +112,12 @@ def run_batch(batch: int, width: int, names, args) -> Dict[str, Any]:
 
 
 def table(result) -> str:
-  headers = ["kernel", "median", "IQR", "paired ratio [q1, q3]", "ratio of medians",
-             "min ratio", "bytes accessed", "transcendentals"]
+  headers = ["kernel", *_timing.TIMING_HEADERS, "bytes accessed",
+             "transcendentals"]
   rows = []
   for name, v in result["variants"].items():
-    pr = v["paired_ratio"]
     tr = v["transcendentals"]
-    rows.append([name, _timing.fmt_time(v["median_s"]),
-                 f"{_timing.fmt_time(v['q1_s'])}-{_timing.fmt_time(v['q3_s'])}",
-                 f"{pr['median']:.3f}x [{pr['q1']:.3f}, {pr['q3']:.3f}]",
-                 _timing.fmt_ratio(v["ratio_of_medians"]),
-                 _timing.fmt_ratio(v["ratio_of_mins"]),
+    rows.append([name, *_timing.timing_cells(v),
                  _timing.fmt_bytes(v["bytes_accessed"]),
                  "n/a" if tr is None else f"{tr:.3g}"])
   text = (f"### fwd+bwd, Dense {result['width']}x{result['width']}, batch "
@@ -145,42 +135,28 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--batches", default="128,16", help="comma-separated batch sizes.")
   ap.add_argument("--width", type=int, default=1024)
-  ap.add_argument("--quick", action="store_true", help="few repeats (~15 s).")
   ap.add_argument("--variants", default=None,
                   help="comma-separated subset of: " + ", ".join(variants()))
-  ap.add_argument("--repeats", type=int, default=None,
-                  help="interleaved rounds per batch size (default 60; quick 12).")
-  ap.add_argument("--min-repeats", type=int, default=10)
-  ap.add_argument("--budget-s", type=float, default=None,
-                  help="per batch size: stop adding rounds after this many "
-                       "seconds (at least --min-repeats rounds).")
-  ap.add_argument("--warmup", type=int, default=2)
-  ap.add_argument("--out", default=DEFAULT_OUT, help="JSON output path.")
+  _timing.add_round_args(ap, DEFAULT_OUT, repeats=60, quick_repeats=12,
+                         min_repeats=10, warmup=2,
+                         quick_help="few repeats (~10 s).")
   args = ap.parse_args(argv)
-  if args.quick:
-    args.repeats = args.repeats or 12
-    args.budget_s = args.budget_s or 3.0
-    args.min_repeats = min(args.min_repeats, 6)
-  args.repeats = args.repeats or 60
-  names = list(variants())
-  if args.variants:
-    names = [s.strip() for s in args.variants.split(",")]
-    unknown = [s for s in names if s not in variants()]
-    if unknown:
-      ap.error(f"unknown variants {unknown}; choose from {list(variants())}")
-    if BASELINE not in names:
-      names.insert(0, BASELINE)
+  _timing.resolve_rounds(args, repeats=60, quick_repeats=12,
+                         quick_min_repeats=6, quick_budget_s=3.0)
+  names = _timing.select_variants(ap, args.variants, list(variants()),
+                                  BASELINE)
 
-  info = _timing.machine_info()
-  print(_timing.describe_machine(info), flush=True)
-  results = []
+  payload = _timing.start_report("reparam_overhead", args)
+  t_start = time.perf_counter()
   for batch in [int(b) for b in args.batches.split(",") if b.strip()]:
     result = run_batch(batch, args.width, names, args)
-    results.append(result)
-    print("\n" + table(result), flush=True)
-  path = _timing.write_json(args.out, {"machine": info, "args": vars(args),
-                                       "results": results})
-  print(f"\nwrote {path}")
+    result["loadavg_after"] = _timing.loadavg()
+    payload["results"].append(result)
+    print("\n" + table(result) + f"\n\n(load average after: "
+          f"{result['loadavg_after']})", flush=True)
+    _timing.write_json(args.out, payload)  # Partial results survive.
+  print()
+  _timing.finish(args.out, payload, t_start)
   return 0
 
 

@@ -46,17 +46,14 @@ It prints a markdown table and saves the loss curves per depth. Run it with::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import fnmatch
 import functools
 import os
-import time
+import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # Headless: write the figure to a file, never a window.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common.
+import _common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -64,10 +61,6 @@ import jax.numpy as jnp  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from sklearn import datasets  # noqa: E402
-from sklearn import model_selection  # noqa: E402
-from sklearn import preprocessing  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import posconstr  # noqa: E402
 from posconstr import initializers  # noqa: E402
@@ -80,22 +73,6 @@ NUM_CLASSES = 10
 WZ_PATTERN = "Wz_*/kernel"  # The kernels that must stay >= 0.
 CONVEXITY_TOL = 1e-5  # Relative to 1 + |E(a)| + |E(b)|: float32 rounding.
 SEGMENT_T = np.linspace(0.05, 0.95, 10)
-
-
-# ----------------------------------------------------------------- data ----
-
-def load_data(seed: int) -> Dict[str, jax.Array]:
-  """Digits (8x8 images, 64 features), standardized on a fixed 75/25 split."""
-  x, y = datasets.load_digits(return_X_y=True)
-  x_train, x_test, y_train, y_test = model_selection.train_test_split(
-      x.astype(np.float32), y, test_size=0.25, random_state=seed, stratify=y)
-  scaler = preprocessing.StandardScaler().fit(x_train)  # Train stats only.
-  return {
-      "x_train": jnp.asarray(scaler.transform(x_train), jnp.float32),
-      "y_train": jnp.asarray(y_train, jnp.int32),
-      "x_test": jnp.asarray(scaler.transform(x_test), jnp.float32),
-      "y_test": jnp.asarray(y_test, jnp.int32),
-  }
 
 
 # ----------------------------------------------------------------- model ----
@@ -148,10 +125,6 @@ class ICNN(nn.Module):
 
 # -------------------------------------------------------------- variants ----
 
-def _identity(params):
-  return params
-
-
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """One way of keeping ``Wz >= 0``: one row per depth in the table.
@@ -168,7 +141,7 @@ class Variant:
   wz: str
   optimizer: optax.GradientTransformation
   project_init: bool = False
-  applied_params: Callable[[Any], Any] = _identity
+  applied_params: Callable[[Any], Any] = _common.identity
 
 
 def _exp_applied(params):
@@ -197,14 +170,14 @@ def _loss(model, params, x, y):
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     x_train: jax.Array, y_train: jax.Array):
-  """A jitted full-batch step: ``step(params, opt_state)``."""
+  """A jitted full-batch step: ``(params, opt_state), loss``."""
 
   @jax.jit
   def step(params, opt_state):
     loss, grads = jax.value_and_grad(
         lambda p: _loss(model, p, x_train, y_train))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return (optax.apply_updates(params, updates), opt_state), loss
 
   return step
 
@@ -262,15 +235,6 @@ def assess(model: nn.Module, params, data: Dict[str, jax.Array],
           convexity_gap(model, params, a, b))
 
 
-def wz_leaves(params, pattern: str = WZ_PATTERN) -> List[jax.Array]:
-  """The leaves whose ``/``-joined path matches ``pattern`` (as the mask)."""
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return [leaf for path, leaf in flat
-          if fnmatch.fnmatchcase(
-              "/".join(str(getattr(k, "key", getattr(k, "idx", k)))
-                       for k in path), pattern)]
-
-
 def train_variant(variant: Variant, depth: int, data: Dict[str, jax.Array],
                   steps: int, key: jax.Array, check_segments,
                   progress: bool = True) -> Dict[str, Any]:
@@ -284,23 +248,15 @@ def train_variant(variant: Variant, depth: int, data: Dict[str, jax.Array],
   step = make_train_step(model, variant.optimizer, data["x_train"],
                          data["y_train"])
 
-  losses = []
-  start = time.perf_counter()
-  bar = tqdm(range(steps), desc=f"depth {depth} {variant.name:>9}",
-             disable=not progress, leave=True, dynamic_ncols=True)
-  for i in bar:
-    params, opt_state, loss = step(params, opt_state)
-    losses.append(loss)
-    if i % 50 == 0 or i == steps - 1:
-      bar.set_postfix(loss=f"{float(loss):.4g}")
-  losses = np.asarray(jax.device_get(losses), np.float64)
-  train_seconds = time.perf_counter() - start
+  (params, _), losses, seconds = _common.run_steps(
+      lambda carry, i: step(*carry), (params, opt_state), steps,
+      desc=f"depth {depth} {variant.name:>9}", show=progress, every=50)
 
   accuracy, train_loss, gap = assess(model, params, data, *check_segments)
   gap = float(gap)
   # Jitted: one compilation instead of one per eager op and kernel shape.
-  wz = np.concatenate([np.ravel(w) for w in wz_leaves(
-      jax.jit(variant.applied_params)(params))])
+  wz = _common.flat_matching(jax.jit(variant.applied_params)(params),
+                             WZ_PATTERN)
   return {
       "depth": depth,
       "method": variant.name,
@@ -311,7 +267,7 @@ def train_variant(variant: Variant, depth: int, data: Dict[str, jax.Array],
       "convex": bool(gap <= CONVEXITY_TOL),
       "min_wz": float(wz.min()),
       "losses": losses,
-      "train_seconds": train_seconds,
+      "train_seconds": seconds,
       "params": params,
   }
 
@@ -331,26 +287,22 @@ def free_wz_gap(depth: int, data, key: jax.Array, check_segments) -> float:
 def summary_table(results: Dict[str, Dict[str, Any]],
                   free_gaps: Dict[int, float]) -> str:
   """A markdown table, one row per (depth, variant)."""
-  lines = [
-      "| depth | method | initial loss | final train loss | test accuracy "
-      "| max convexity gap | convex | min Wz | train s |",
-      "|---:|---|---:|---:|---:|---:|:---:|---:|---:|",
-  ]
-  for r in results.values():
-    lines.append(
-        f"| {r['depth']} | {r['method']} | {r['initial_loss']:.4g} "
-        f"| {r['final_train_loss']:.4g} | {r['test_accuracy']:.4f} "
-        f"| {r['convexity_gap']:.2e} | {'yes' if r['convex'] else 'NO'} "
-        f"| {r['min_wz']:.3g} | {r['train_seconds']:.1f} |")
-  for depth, gap in free_gaps.items():
-    lines.append(
-        f"| {depth} | free Wz (untrained, sanity) | | | | {gap:.2e} "
-        f"| {'yes' if gap <= CONVEXITY_TOL else 'NO'} | | |")
-  return "\n".join(lines)
+  rows = [[r["depth"], r["method"], f"{r['initial_loss']:.4g}",
+           f"{r['final_train_loss']:.4g}", f"{r['test_accuracy']:.4f}",
+           f"{r['convexity_gap']:.2e}", "yes" if r["convex"] else "NO",
+           f"{r['min_wz']:.3g}", f"{r['train_seconds']:.1f}"]
+          for r in results.values()]
+  rows += [[depth, "free Wz (untrained, sanity)", "", "", "", f"{gap:.2e}",
+            "yes" if gap <= CONVEXITY_TOL else "NO", "", ""]
+           for depth, gap in free_gaps.items()]
+  return _common.markdown_table(
+      ["depth", "method", "initial loss", "final train loss", "test accuracy",
+       "max convexity gap", "convex", "min Wz", "train s"], rows,
+      "rlrrrrcrr")
 
 
 def save_figure(results: Dict[str, Dict[str, Any]], depths: Sequence[int],
-                path: str) -> str:
+                out_dir: str) -> str:
   """One panel per depth: training loss per step, one line per method."""
   methods = list(dict.fromkeys(r["method"] for r in results.values()))
   colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
@@ -370,30 +322,17 @@ def save_figure(results: Dict[str, Dict[str, Any]], depths: Sequence[int],
   axes[0, 0].set_ylabel("training cross-entropy")
   fig.suptitle("ICNN on digits: training loss by depth and way of keeping "
                "Wz >= 0")
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _common.save_figure(fig, out_dir, "icnn.png")
 
 
 # ------------------------------------------------------------------ main ----
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                      help="Adam steps per run (default %(default)s)")
-  parser.add_argument("--out", default="out",
-                      help="folder for icnn.png (default %(default)s/)")
+def parse_args(argv: Optional[Sequence[str]] = None):
+  parser = _common.parser(__doc__, "icnn.png", DEFAULT_STEPS,
+                          "Adam steps per run", lr=LEARNING_RATE)
   parser.add_argument("--depths", type=int, nargs="+", default=list(DEPTHS),
                       help="depths to compare (default %(default)s)")
-  parser.add_argument("--seed", type=int, default=0,
-                      help="seed of the split, init and convexity segments")
-  parser.add_argument("--lr", type=float, default=LEARNING_RATE)
-  parser.add_argument("--no-progress", action="store_true",
-                      help="hide the progress bars")
-  args = parser.parse_args(argv)
-  if args.steps < 1:
-    parser.error("--steps must be >= 1")
+  args = _common.parse(parser, argv)
   if min(args.depths) < 2:
     parser.error("--depths must be >= 2")
   return args
@@ -410,7 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   depth to the gap of the unconstrained sanity model.
   """
   args = parse_args(argv)
-  data = load_data(args.seed)
+  data = _common.load_digits(args.seed)
   key = jax.random.key(args.seed)
   check_segments = segments(data, args.seed + 1)
   results, free_gaps = {}, {}
@@ -421,14 +360,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           variant, depth, data, args.steps, key, check_segments,
           progress=not args.no_progress)
     free_gaps[depth] = free_wz_gap(depth, data, key, check_segments)
-  print()
-  print(summary_table(results, free_gaps))
-  print(f"\nconvex: every energy satisfies E(ta+(1-t)b) <= tE(a)+(1-t)E(b) "
-        f"+ {CONVEXITY_TOL:g}(1+|E(a)|+|E(b)|) on {len(check_segments[0])} "
-        f"segments x {len(SEGMENT_T)} points.")
-  figure = save_figure(results, args.depths,
-                       os.path.join(args.out, "icnn.png"))
-  print(f"\nSaved figure: {figure}")
+  figure = save_figure(results, args.depths, args.out)
+  _common.report(
+      summary_table(results, free_gaps), figure,
+      f"convex: every energy satisfies E(ta+(1-t)b) <= tE(a)+(1-t)E(b) "
+      f"+ {CONVEXITY_TOL:g}(1+|E(a)|+|E(b)|) on {len(check_segments[0])} "
+      f"segments x {len(SEGMENT_T)} points.")
   return {"runs": results, "free_wz_gaps": free_gaps, "figure": figure}
 
 

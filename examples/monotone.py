@@ -49,16 +49,14 @@ Run it with::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
-import time
+import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # Headless: write the figure to a file, never a window.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common.
+import _common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -70,7 +68,6 @@ from sklearn import datasets  # noqa: E402
 from sklearn import linear_model  # noqa: E402
 from sklearn import model_selection  # noqa: E402
 from sklearn import preprocessing  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import posconstr  # noqa: E402
 
@@ -158,10 +155,6 @@ class SplitMLP(nn.Module):
 
 # -------------------------------------------------------------- variants ----
 
-def _identity(params):
-  return params
-
-
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """One way of training: what the script compares, row by row.
@@ -179,7 +172,7 @@ class Variant:
   optimizer: optax.GradientTransformation
   constrained: bool
   project_init: bool = False
-  applied_params: Callable[[Any], Any] = _identity
+  applied_params: Callable[[Any], Any] = _common.identity
 
 
 def make_variants(learning_rate: float = LEARNING_RATE) -> List[Variant]:
@@ -203,16 +196,9 @@ def _mse(model, params, x, y):
   return jnp.mean((model.apply({"params": params}, x) - y) ** 2)
 
 
-def kernel_leaves(params, prefix: str = "") -> List[jax.Array]:
-  """The ``kernel`` leaves of the top-level modules named ``prefix...``."""
-  return [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-          if getattr(path[0], "key", "").startswith(prefix)
-          and getattr(path[-1], "key", None) == "kernel"]
-
-
 def make_train_step(model: nn.Module, variant: Variant, data: Dict[str, Any],
                     l2: float):
-  """A jitted full-batch step: ``step(params, opt_state)``; also test MSE.
+  """A jitted full-batch step: ``(params, opt_state), (mse, test mse)``.
 
   The loss is the training MSE plus ``l2`` times the sum of squares of the
   *applied* kernels (the same penalty on the same weights for every variant).
@@ -223,7 +209,8 @@ def make_train_step(model: nn.Module, variant: Variant, data: Dict[str, Any],
 
   def loss_fn(params):
     mse = _mse(model, params, x_train, y_train)
-    kernels = kernel_leaves(variant.applied_params(params))
+    kernels = _common.leaves_matching(variant.applied_params(params),
+                                      "*/kernel").values()
     return mse + l2 * sum(jnp.sum(k ** 2) for k in kernels), mse
 
   @jax.jit
@@ -231,7 +218,7 @@ def make_train_step(model: nn.Module, variant: Variant, data: Dict[str, Any],
     (_, mse), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     test_mse = _mse(model, params, x_test, y_test)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, mse, test_mse
+    return (optax.apply_updates(params, updates), opt_state), (mse, test_mse)
 
   return step
 
@@ -283,19 +270,10 @@ def train_variant(variant: Variant, data: Dict[str, Any], steps: int,
   opt_state = variant.optimizer.init(params)
   step = make_train_step(model, variant, data, l2)
 
-  train_losses, test_losses = [], []
-  start = time.perf_counter()
-  bar = tqdm(range(steps), desc=f"{variant.name:>17}", disable=not progress,
-             leave=True, dynamic_ncols=True)
-  for i in bar:
-    params, opt_state, loss, test_loss = step(params, opt_state)
-    train_losses.append(loss)
-    test_losses.append(test_loss)
-    if i % 200 == 0 or i == steps - 1:
-      bar.set_postfix(mse=f"{float(loss):.4f}")
-  train_losses = np.asarray(jax.device_get(train_losses), np.float64)
-  test_losses = np.asarray(jax.device_get(test_losses), np.float64)
-  train_seconds = time.perf_counter() - start
+  (params, _), history, seconds = _common.run_steps(
+      lambda carry, i: step(*carry), (params, opt_state), steps,
+      desc=f"{variant.name:>17}", show=progress, every=200, label="mse")
+  train_losses, test_losses = history[:, 0], history[:, 1]
 
   # Test points first, then the ICE grid of each monotone feature.
   n_test = data["x_test"].shape[0]
@@ -317,8 +295,8 @@ def train_variant(variant: Variant, data: Dict[str, Any], steps: int,
     offset += size
   ice_grads = np.concatenate(ice_grads)
   # Jitted: one compilation instead of one per eager op and kernel shape.
-  kernels = np.concatenate([np.ravel(k) for k in kernel_leaves(
-      jax.jit(variant.applied_params)(params), "Mono_")])
+  kernels = _common.flat_matching(jax.jit(variant.applied_params)(params),
+                                  MONO_PATTERN)
   return {
       "constrained": variant.constrained,
       "test_rmse": float(np.sqrt(np.mean((pred_test - y_test) ** 2))
@@ -333,7 +311,7 @@ def train_variant(variant: Variant, data: Dict[str, Any], steps: int,
       "ice": ice,
       "train_losses": train_losses,
       "test_losses": test_losses,
-      "train_seconds": train_seconds,
+      "train_seconds": seconds,
       "params": params,
   }
 
@@ -343,26 +321,25 @@ def train_variant(variant: Variant, data: Dict[str, Any], steps: int,
 def summary_table(results: Dict[str, Dict[str, Any]],
                   names: Sequence[str]) -> str:
   """A markdown table, one row per variant."""
-  grad_heads = " | ".join(f"min d/d{n} (test)" for n in names)
-  lines = [
-      f"| variant | test RMSE | test R^2 | {grad_heads} | negative derivatives "
-      "(test) | negative derivatives (ICE grid) | min Mono weight "
-      "| monotone | train s |",
-      "|---|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|:---:|---:|",
-  ]
+  rows = []
   for name, r in results.items():
-    grads = " | ".join(f"{g:.3g}" for g in r["min_grad"])
     monotone = r["neg_grad_frac_test"] == 0 and r["neg_grad_frac_ice"] == 0
-    lines.append(
-        f"| {name} | {r['test_rmse']:.2f} | {r['test_r2']:.3f} | {grads} "
-        f"| {100 * r['neg_grad_frac_test']:.1f}% "
-        f"| {100 * r['neg_grad_frac_ice']:.1f}% | {r['min_mono_kernel']:.3g} "
-        f"| {'yes' if monotone else 'no'} | {r['train_seconds']:.1f} |")
-  return "\n".join(lines)
+    rows.append([name, f"{r['test_rmse']:.2f}", f"{r['test_r2']:.3f}",
+                 *(f"{g:.3g}" for g in r["min_grad"]),
+                 _common.percent(r["neg_grad_frac_test"]),
+                 _common.percent(r["neg_grad_frac_ice"]),
+                 f"{r['min_mono_kernel']:.3g}", "yes" if monotone else "no",
+                 f"{r['train_seconds']:.1f}"])
+  return _common.markdown_table(
+      ["variant", "test RMSE", "test R^2",
+       *(f"min d/d{n} (test)" for n in names),
+       "negative derivatives (test)", "negative derivatives (ICE grid)",
+       "min Mono weight", "monotone", "train s"], rows,
+      "lrr" + "r" * len(names) + "rrrcr")
 
 
 def save_figure(results: Dict[str, Dict[str, Any]], data: Dict[str, Any],
-                path: str, num_ice: int = 40) -> str:
+                out_dir: str, num_ice: int = 40) -> str:
   """ICE curves and partial dependence per (monotone feature, variant).
 
   Last column: MSE curves (top) and the derivative distribution (bottom).
@@ -426,35 +403,22 @@ def save_figure(results: Dict[str, Dict[str, Any]], data: Dict[str, Any],
   ax.set_title("Derivatives wrt the monotone inputs", fontsize=10)
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _common.save_figure(fig, out_dir, "monotone.png", dpi=65)
 
 
 # ------------------------------------------------------------------ main ----
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                      help="Adam steps per variant (default %(default)s)")
-  parser.add_argument("--out", default="out",
-                      help="folder for monotone.png (default %(default)s/)")
+def parse_args(argv: Optional[Sequence[str]] = None):
+  parser = _common.parser(__doc__, "monotone.png", DEFAULT_STEPS,
+                          "Adam steps per variant", lr=LEARNING_RATE)
   parser.add_argument("--monotone", nargs="+", default=list(MONOTONE),
                       help="monotone features (default %(default)s)")
-  parser.add_argument("--seed", type=int, default=0,
-                      help="seed of the split and the init")
-  parser.add_argument("--lr", type=float, default=LEARNING_RATE)
   parser.add_argument("--hidden", type=int, default=HIDDEN,
                       help="units per hidden layer (default %(default)s)")
   parser.add_argument("--l2", type=float, default=L2,
                       help="penalty on the squared applied kernels "
                       "(default %(default)s)")
-  parser.add_argument("--no-progress", action="store_true",
-                      help="hide the progress bars")
-  args = parser.parse_args(argv)
-  if args.steps < 1:
-    parser.error("--steps must be >= 1")
+  args = _common.parse(parser, argv)
   if args.hidden < 2:
     parser.error("--hidden must be >= 2")
   if len(set(args.monotone)) != len(args.monotone):
@@ -487,15 +451,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                             data["raw_y_train"])
   ols_rmse = float(np.sqrt(np.mean(
       (ols.predict(data["raw_x_test"]) - data["raw_y_test"]) ** 2)))
-  print()
-  print(summary_table(results, args.monotone))
-  print(f"\nReference, ordinary least squares: test RMSE {ols_rmse:.2f}, "
-        f"R^2 {ols.score(data['raw_x_test'], data['raw_y_test']):.3f}; "
-        "coefficients " + ", ".join(
-            f"{n} {c:+.3g}" for n, c in zip(data["names"], ols.coef_)
-            if n in args.monotone) + ".")
-  figure = save_figure(results, data, os.path.join(args.out, "monotone.png"))
-  print(f"\nSaved figure: {figure}")
+  figure = save_figure(results, data, args.out)
+  _common.report(
+      summary_table(results, args.monotone), figure,
+      f"Reference, ordinary least squares: test RMSE {ols_rmse:.2f}, "
+      f"R^2 {ols.score(data['raw_x_test'], data['raw_y_test']):.3f}; "
+      "coefficients " + ", ".join(
+          f"{n} {c:+.3g}" for n, c in zip(data["names"], ols.coef_)
+          if n in args.monotone) + ".")
   return {"variants": results, "figure": figure}
 
 

@@ -39,15 +39,14 @@ iteration, and the learned parts (rows of ``H``) of each method. Run it with::
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import time
 import warnings
 from typing import Any, Callable, Dict, Optional, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # Headless: write the figure to a file, never a window.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common.
+import _common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -58,7 +57,6 @@ from sklearn import datasets  # noqa: E402
 from sklearn import decomposition  # noqa: E402
 from sklearn import exceptions  # noqa: E402
 from sklearn.utils import extmath  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import posconstr  # noqa: E402
 
@@ -198,8 +196,8 @@ def run_projected_adam(x: np.ndarray, w0, h0, steps: int, lr: float,
 
     compiled, compile_seconds = _timed_compile(run, params, state, 0)
     history = History(x, w0, h0)
-    bar = tqdm(total=steps, desc=f"{'projected-adam':>14}",
-               disable=not progress, dynamic_ncols=True)
+    bar = _common.progress(total=steps, desc=f"{'projected-adam':>14}",
+                           disable=not progress)
     done = 0
     while done < steps:
       # Chunks of 10, 20, 40, ... up to ADAM_CHUNK steps: even on a log axis.
@@ -239,8 +237,8 @@ def run_anls(x: np.ndarray, w0, h0, sweeps: int, inner: int, dtype: str,
     compiled, compile_seconds = _timed_compile(sweep, w, h)
     history = History(x, w0, h0)
     inner_total = 0
-    bar = tqdm(range(sweeps), desc=f"{'anls-minimize':>14}",
-               disable=not progress, dynamic_ncols=True)
+    bar = _common.progress(range(sweeps), desc=f"{'anls-minimize':>14}",
+                           disable=not progress)
     for _ in bar:
       start = time.perf_counter()
       w, h, iters = jax.block_until_ready(compiled(w, h))
@@ -263,8 +261,8 @@ def run_sklearn(x: np.ndarray, w0, h0, solver: str, iters: int, seed: int,
   """
   ends = [n for n in _one_two_five(iters) if n < iters] + [iters]
   history = History(x, w0, h0)
-  bar = tqdm(total=iters, desc=f"{'sklearn-' + solver:>14}",
-             disable=not progress, dynamic_ncols=True)
+  bar = _common.progress(total=iters, desc=f"{'sklearn-' + solver:>14}",
+                         disable=not progress)
   w = h = None
   with warnings.catch_warnings():
     # tol=0: every fit ends at max_iter, "not converged" by design.
@@ -301,26 +299,23 @@ def _one_two_five(limit: int):
 
 def summary_table(results: Dict[str, Dict[str, Any]]) -> str:
   """A markdown table, one row per method."""
-  lines = [
-      "| method | iterations | solve s | compile s | objective "
-      "| relative error | KKT W | KKT H | zeros in W | zeros in H "
-      "| min entry |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-  ]
+  rows = []
   for name, r in results.items():
     iterations = str(r["iterations"])
     if "inner_iterations" in r:
       iterations += f" ({r['inner_iterations']} inner)"
-    lines.append(
-        f"| {name} | {iterations} | {r['seconds']:.2f} "
-        f"| {r['compile_seconds']:.2f} | {r['objective']:.1f} "
-        f"| {r['relative_error']:.4f} | {r['kkt_W']:.3g} | {r['kkt_H']:.3g} "
-        f"| {100 * r['zeros_W']:.1f}% | {100 * r['zeros_H']:.1f}% "
-        f"| {r['min_entry']:.3g} |")
-  return "\n".join(lines)
+    rows.append([name, iterations, f"{r['seconds']:.2f}",
+                 f"{r['compile_seconds']:.2f}", f"{r['objective']:.1f}",
+                 f"{r['relative_error']:.4f}", f"{r['kkt_W']:.3g}",
+                 f"{r['kkt_H']:.3g}", _common.percent(r["zeros_W"]),
+                 _common.percent(r["zeros_H"]), f"{r['min_entry']:.3g}"])
+  return _common.markdown_table(
+      ["method", "iterations", "solve s", "compile s", "objective",
+       "relative error", "KKT W", "KKT H", "zeros in W", "zeros in H",
+       "min entry"], rows)
 
 
-def save_figure(results: Dict[str, Dict[str, Any]], path: str) -> str:
+def save_figure(results: Dict[str, Dict[str, Any]], out_dir: str) -> str:
   """Relative objective gap vs time and iteration (top); parts per method."""
   names = list(results)
   best = min(min(r["history"]["objectives"]) for r in results.values())
@@ -359,40 +354,25 @@ def save_figure(results: Dict[str, Dict[str, Any]], path: str) -> str:
       ax.set_yticks([])
     row[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
   bottom.suptitle(f"Parts: the {RANK} rows of H, by contribution", fontsize=10)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _common.save_figure(fig, out_dir, "nmf.png", dpi=70)
 
 
 # ------------------------------------------------------------------ main ----
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                      help="projected Adam steps (default %(default)s)")
-  parser.add_argument("--sweeps", type=int, default=SWEEPS,
-                      help="ANLS sweeps (default %(default)s)")
-  parser.add_argument("--inner", type=int, default=INNER_ITERS,
-                      help="L-BFGS-B iterations per ANLS solve "
-                      "(default %(default)s)")
-  parser.add_argument("--iters", type=int, default=SKLEARN_ITERS,
-                      help="scikit-learn iterations (default %(default)s)")
-  parser.add_argument("--out", default="out",
-                      help="folder for nmf.png (default %(default)s/)")
-  parser.add_argument("--lr", type=float, default=LEARNING_RATE,
-                      help="projected Adam's peak step (default %(default)s)")
+def parse_args(argv: Optional[Sequence[str]] = None):
+  parser = _common.parser(__doc__, "nmf.png", DEFAULT_STEPS,
+                          "projected Adam steps", lr=LEARNING_RATE,
+                          lr_help="projected Adam's peak step",
+                          seed_help="seed of the NNDSVDa initialization")
+  for flag, default, meaning in (
+      ("sweeps", SWEEPS, "ANLS sweeps"),
+      ("inner", INNER_ITERS, "L-BFGS-B iterations per ANLS solve"),
+      ("iters", SKLEARN_ITERS, "scikit-learn iterations")):
+    parser.add_argument(f"--{flag}", type=int, default=default,
+                        help=f"{meaning} (default %(default)s)")
   parser.add_argument("--dtype", choices=("float64", "float32"),
                       default="float64", help="dtype of the JAX methods")
-  parser.add_argument("--seed", type=int, default=0,
-                      help="seed of the NNDSVDa initialization")
-  parser.add_argument("--no-progress", action="store_true",
-                      help="hide the progress bars")
-  args = parser.parse_args(argv)
-  for flag in ("steps", "sweeps", "inner", "iters"):
-    if getattr(args, flag) < 1:
-      parser.error(f"--{flag} must be >= 1")
-  return args
+  return _common.parse(parser, argv, ("steps", "sweeps", "inner", "iters"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -418,13 +398,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
       "sklearn-mu": run_sklearn(x, w0, h0, "mu", args.iters, args.seed,
                                 progress),
   }
-  print()
-  print(f"X: digits {x.shape}, rank {RANK}, objective at the NNDSVDa start "
-        f"{objective(x, w0, h0):.4g}, 0.5||X||^2 = {0.5 * np.sum(x**2):.4g}; "
-        f"JAX methods in {args.dtype}.\n")
-  print(summary_table(results))
-  figure = save_figure(results, os.path.join(args.out, "nmf.png"))
-  print(f"\nSaved figure: {figure}")
+  figure = save_figure(results, args.out)
+  _common.report(
+      summary_table(results), figure,
+      f"X: digits {x.shape}, rank {RANK}, objective at the NNDSVDa start "
+      f"{objective(x, w0, h0):.4g}, 0.5||X||^2 = {0.5 * np.sum(x**2):.4g}; "
+      f"JAX methods in {args.dtype}.")
   return {"methods": results, "figure": figure}
 
 

@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -10,7 +11,6 @@ import pytest
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
-pytest.importorskip("tqdm")
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -30,25 +30,105 @@ def _load_example(name):
   return module
 
 
-def test_quickstart_smoke(tmp_path):
+def _table_rows(text, names):
+  """The markdown rows of ``names`` in printed ``text`` (one each)."""
+  rows = {name: [line for line in text.splitlines()
+                 if line.startswith(f"| {name} |")] for name in names}
+  assert all(len(r) == 1 for r in rows.values()), rows
+  return {name: r[0] for name, r in rows.items()}
+
+
+def test_quickstart_smoke(tmp_path, capsys):
   quickstart = _load_example("quickstart")
-  results = quickstart.main(["--steps", "5", "--out", str(tmp_path)])
+  results = quickstart.main(["--steps", "5", "--out", str(tmp_path),
+                             "--no-progress"])
 
   figure = tmp_path / "quickstart.png"
   assert results["figure"] == os.path.join(str(tmp_path), "quickstart.png")
   assert figure.is_file() and figure.stat().st_size > 0
 
   variants = results["variants"]
-  assert set(variants) == {"adam", "adam+nonneg"}
-  for metrics in variants.values():
+  names = ("adam", "adam+project", "adam+softplus")
+  assert set(variants) == set(names)
+  rows = _table_rows(capsys.readouterr().out, names)
+  for name, metrics in variants.items():
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
     assert np.isfinite(metrics["final_train_loss"])
-    assert 0.0 <= metrics["frac_at_bound"] <= 1.0
     assert len(metrics["losses"]) == 5
-  # Projection keeps every kernel on the set; the reference has negatives.
-  assert variants["adam+nonneg"]["min_kernel"] >= 0.0
-  assert np.all(variants["adam+nonneg"]["kernels"] >= 0.0)
+    assert metrics["losses"][-1] < metrics["losses"][0], name
+    assert f"| {metrics['test_accuracy']:.4f} |" in rows[name]
+  # Projection: every applied kernel in the set, some exactly on the bound.
+  projected = variants["adam+project"]
+  assert np.all(projected["kernels"] >= 0.0)
+  assert projected["bound_or_dead"] == np.mean(projected["kernels"] == 0.0)
+  assert projected["bound_or_dead"] > 0.0
+  # Softplus: applied kernels are softplus(latent) > 0, never exactly 0.
+  softplus = variants["adam+softplus"]
+  assert np.all(softplus["kernels"] > 0.0)
+  latents = np.concatenate([np.ravel(softplus["params"][layer]["kernel"])
+                            for layer in ("hidden", "logits")])
+  np.testing.assert_allclose(np.sort(softplus["kernels"]),
+                             np.sort(np.logaddexp(0.0, latents)), rtol=1e-5)
+  assert softplus["bound_or_dead"] == pytest.approx(
+      np.mean(1 / (1 + np.exp(-latents)) < quickstart.DEAD_TOL))
+  # The reference is free: it has negative weights and no bound share.
   assert variants["adam"]["min_kernel"] < 0.0
+  assert variants["adam"]["bound_or_dead"] is None
+
+
+def test_lbfgs_network_smoke(tmp_path, capsys):
+  lbfgs = _load_example("lbfgs_network")
+  names = ("lbfgs+softplus", "lbfgsb", "lbfgs+clip")
+  results = lbfgs.main(["--steps", "20", "--out", str(tmp_path),
+                        "--no-progress", "--methods", *names])
+
+  assert (tmp_path / "lbfgs_network.png").stat().st_size > 0
+  out = capsys.readouterr().out
+  assert "stochastic (mini-batch) L-BFGS with bounds has no established " \
+         "theory" in out
+  rows = _table_rows(out, names)
+  methods = results["methods"]
+  assert set(methods) == set(names)
+  start = methods["lbfgsb"]["objectives"][0]
+  for name, r in methods.items():
+    assert r["iterations"] == 20 and len(r["objectives"]) == 21
+    assert r["objectives"][0] == pytest.approx(start, rel=1e-5), name
+    assert r["objective"] < 0.5 * start, name
+    # At least one evaluation per iteration, plus the first one.
+    assert r["fun_evals"] >= r["iterations"] + 1, name
+    assert f"| {r['fun_evals']} |" in rows[name]
+  bounded, clipped = methods["lbfgsb"], methods["lbfgs+clip"]
+  assert np.all(bounded["kernels"] >= 0.0) and bounded["bound_or_dead"] > 0
+  assert np.all(clipped["kernels"] >= 0.0)
+  assert np.all(methods["lbfgs+softplus"]["kernels"] > 0.0)
+  # The point of the example: real bounds beat clipping after optax.lbfgs.
+  assert bounded["objective"] < clipped["objective"]
+  # The biases are free: lbfgsb's bounds hold the kernels only.
+  biases = np.concatenate([np.ravel(bounded["params"][layer]["bias"])
+                           for layer in ("hidden", "logits")])
+  assert biases.min() < 0.0
+
+
+def test_examples_run_as_scripts():
+  """``python examples/<name>.py`` finds ``_common`` beside it."""
+  env = dict(os.environ)
+  root = str(EXAMPLES.parent)  # posconstr, without relying on an install.
+  env["PYTHONPATH"] = os.pathsep.join(
+      p for p in (root, env.get("PYTHONPATH")) if p)
+  done = subprocess.run(
+      [sys.executable, str(EXAMPLES / "lbfgs_network.py"), "--help"],
+      cwd=root, env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert "--methods" in done.stdout
+
+
+def test_markdown_table_and_bad_columns():
+  common = _load_example("_common")
+  table = common.markdown_table(["a", "b"], [[1, "x"], [2, "y"]], "lc")
+  assert table.splitlines() == ["| a | b |", "|---|:---:|", "| 1 | x |",
+                                "| 2 | y |"]
+  with pytest.raises(ValueError, match="2 columns"):
+    common.markdown_table(["a", "b"], [[1]])
 
 
 def test_icnn_smoke(tmp_path):
@@ -104,6 +184,21 @@ def test_monotone_smoke(tmp_path):
       assert np.all(np.diff(curves, axis=1) >= -1e-4 * np.abs(curves).max())
   assert variants["monotone-softplus"]["min_mono_kernel"] > 0.0
   assert variants["mlp"]["min_mono_kernel"] < 0.0  # Free weights.
+
+
+def test_run_steps_without_tqdm(monkeypatch, capsys):
+  common = _load_example("_common")
+  monkeypatch.setattr(common, "_tqdm", None)  # The plain bar stands in.
+
+  def step(total, i):
+    return total + i, (float(i), 2.0 * i)
+
+  total, metrics, seconds = common.run_steps(step, 0, 20, desc="count")
+  assert total == sum(range(20)) and seconds >= 0.0
+  np.testing.assert_array_equal(metrics, [[i, 2 * i] for i in range(20)])
+  printed = capsys.readouterr().err.splitlines()
+  assert printed[0].startswith("count: 1/20") and printed[-1].startswith(
+      "count: 20/20 loss=19")
 
 
 def test_nmf_smoke(tmp_path):
