@@ -73,6 +73,10 @@ class LbfgsbResult(NamedTuple):
     linesearch_failed: whether the solve stopped because no step, not even
       along the scaled projected gradient, decreased ``fun`` (typically at
       the limit of floating-point precision).
+    stalled: whether the solve stopped because ``stall_iters`` iterations
+      in a row made no measurable progress: ``fun`` fell by no more than its
+      rounding noise and the projected gradient did not halve. The point is
+      then as good as the precision of ``fun`` allows; ``tol`` was tighter.
   """
 
   params: Any
@@ -83,6 +87,7 @@ class LbfgsbResult(NamedTuple):
   num_fun_evals: jax.Array
   converged: jax.Array
   linesearch_failed: jax.Array
+  stalled: jax.Array
 
 
 class _Carry(NamedTuple):
@@ -95,29 +100,38 @@ class _Carry(NamedTuple):
   pg_norm: jax.Array
   converged: jax.Array
   failed: jax.Array
+  pg_ref: jax.Array  # the projected gradient when progress was last made
+  stall: jax.Array  # iterations since then
 
 
 def minimize(fun: Callable[[Any], jax.Array], x0, lower=None, upper=None, *,
              maxiter: int = 500, tol: float = 1e-8, atol: float = 0.0,
              memory_size: int = 10, max_linesearch_steps: int = 20,
-             eps_active: float = 1e-3) -> LbfgsbResult:
+             eps_active: float = 1e-3, stall_iters: int = 10) -> LbfgsbResult:
   r"""Minimizes ``fun`` subject to ``lower <= x <= upper`` by bounded L-BFGS.
 
   The two-metric projected quasi-Newton method described in
   ``posconstr._lbfgsb_core``: L-BFGS curvature on the free variables, the
   epsilon-active set handled by a diagonal metric, and a backtracking Armijo
   search along the projected path, so ``fun`` is only ever evaluated inside
-  the bounds. The whole solve is one ``lax.while_loop``: jittable, and
+  the bounds. Where the Armijo test drowns in rounding (the decrease it asks
+  for is below ``16 eps |f|``), a step is accepted on the gradient's
+  evidence instead (an approximate Wolfe test), so the projected gradient
+  keeps falling after ``f`` has run out of digits. The whole solve is one ``lax.while_loop``: jittable, and
   vmappable over a batch of problems. Pytrees are handled leaf by leaf
   (leaves may have different dtypes).
 
   Stops when :math:`\|x - P(x - \nabla f(x))\|_\infty \le
   \max(\mathrm{atol}, \mathrm{tol} \cdot \|x_0 - P(x_0 - \nabla f(x_0))\|_\infty)`,
-  after ``maxiter`` iterations, or when the line search fails twice in a row
-  (then with ``linesearch_failed``). In float64 ``tol=1e-10`` is reachable on
-  well-posed problems; in float32 use ``tol`` around ``1e-4`` (below that the
-  solve usually ends by ``linesearch_failed``, at a point as good as float32
-  allows).
+  after ``maxiter`` iterations, when the line search fails twice in a row
+  (``linesearch_failed``), or when ``stall_iters`` iterations in a row make
+  no measurable progress (``stalled``: ``fun`` fell by at most
+  ``16 eps |f|`` and the projected gradient did not halve). The last two
+  mean ``tol`` is below what the precision of ``fun`` allows; ``converged``
+  is then False. In float64 ``tol=1e-10`` is reachable on well-posed
+  problems; in float32 use ``tol`` around ``1e-4`` (tighter, the solve
+  usually ends ``stalled`` a few iterations after the float32 floor, at a
+  point as good as float32 allows).
 
   Args:
     fun: scalar function of a pytree ``x``, differentiable with
@@ -132,7 +146,10 @@ def minimize(fun: Callable[[Any], jax.Array], x0, lower=None, upper=None, *,
     memory_size: number of curvature pairs kept.
     max_linesearch_steps: maximum function evaluations per line search.
     eps_active: the largest distance to a bound at which a coordinate can be
-      held by the active set.
+      held by the active set (the width used is the smaller of this and
+      ``||x - P(x - gamma grad)||_inf``, gamma the L-BFGS scaling).
+    stall_iters: iterations without measurable progress after which the
+      solve stops (see above).
 
   Returns:
     A :class:`LbfgsbResult`.
@@ -155,14 +172,16 @@ def minimize(fun: Callable[[Any], jax.Array], x0, lower=None, upper=None, *,
                     f"{type(fun).__name__}.")
   check_options("minimize", ints=(
       ("maxiter", maxiter), ("memory_size", memory_size),
-      ("max_linesearch_steps", max_linesearch_steps)), reals=(
+      ("max_linesearch_steps", max_linesearch_steps),
+      ("stall_iters", stall_iters)), reals=(
           ("tol", tol), ("atol", atol), ("eps_active", eps_active)))
-  if int(maxiter) < 0 or int(memory_size) < 1 or int(max_linesearch_steps) < 1:
+  if (int(maxiter) < 0 or int(memory_size) < 1
+      or int(max_linesearch_steps) < 1 or int(stall_iters) < 1):
     raise ValueError(
-        f"minimize: need maxiter >= 0, memory_size >= 1 and "
-        f"max_linesearch_steps >= 1, got maxiter={maxiter!r}, "
-        f"memory_size={memory_size!r}, "
-        f"max_linesearch_steps={max_linesearch_steps!r}.")
+        f"minimize: need maxiter >= 0, memory_size >= 1, "
+        f"max_linesearch_steps >= 1 and stall_iters >= 1, got maxiter="
+        f"{maxiter!r}, memory_size={memory_size!r}, max_linesearch_steps="
+        f"{max_linesearch_steps!r}, stall_iters={stall_iters!r}.")
   if not (tol >= 0 and atol >= 0):
     raise ValueError(f"minimize: `tol` and `atol` must be >= 0, got "
                      f"tol={tol!r}, atol={atol!r}.")
@@ -175,7 +194,8 @@ def minimize(fun: Callable[[Any], jax.Array], x0, lower=None, upper=None, *,
   memory = core.init_memory(x, memory_size, jnp.result_type(value))
 
   def cond(c: _Carry):
-    return (c.num_iter < maxiter) & ~c.converged & ~c.failed
+    return ((c.num_iter < maxiter) & ~c.converged & ~c.failed
+            & (c.stall < stall_iters))
 
   def body(c: _Carry) -> _Carry:
     d = core.direction(c.memory, c.x, c.grad, lower, upper, eps_active)
@@ -192,13 +212,18 @@ def minimize(fun: Callable[[Any], jax.Array], x0, lower=None, upper=None, *,
     grad = core.tree_where(ok, search.grad, c.grad)
     value = jnp.where(ok, search.value, c.value)
     pg = core.projected_gradient_norm(x, grad, lower, upper)
+    progress = ((value < c.value - core.noise_level(c.value))
+                | (pg <= 0.5 * c.pg_ref))
     return _Carry(x, value, grad, memory, c.num_iter + 1,
                   c.num_evals + search.num_evals, pg, pg <= threshold,
-                  ~ok & (c.memory.count == 0))
+                  ~ok & (c.memory.count == 0),
+                  jnp.where(progress, jnp.minimum(pg, c.pg_ref), c.pg_ref),
+                  jnp.where(progress, 0, c.stall + 1))
 
-  init = _Carry(x, value, grad, memory, jnp.zeros((), jnp.int32),
-                jnp.ones((), jnp.int32), pg0, pg0 <= threshold,
-                jnp.zeros((), bool))
+  zero = jnp.zeros((), jnp.int32)
+  init = _Carry(x, value, grad, memory, zero, zero + 1, pg0, pg0 <= threshold,
+                jnp.zeros((), bool), pg0, zero)
   c = jax.lax.while_loop(cond, body, init)
   return LbfgsbResult(c.x, c.value, c.grad, c.pg_norm, c.num_iter,
-                      c.num_evals, c.converged, c.failed)
+                      c.num_evals, c.converged, c.failed,
+                      ~c.converged & (c.stall >= stall_iters))

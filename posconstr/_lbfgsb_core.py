@@ -9,13 +9,18 @@ L-BFGS two-loop recursion (Nocedal 1980) as the metric on the free
 variables:
 
 * the epsilon-active set ``A``: coordinates within ``eps_k`` of a bound whose
-  gradient points out of the box, with ``eps_k = min(eps, ||x - P(x - g)||)``;
+  gradient points out of the box, with ``eps_k = min(eps, ||x - P(x -
+  gamma g)||_inf)`` (``gamma`` the L-BFGS scaling ``s^T y / y^T y``, so the
+  width is in units of ``x`` whatever the scale of ``f``);
 * direction ``d_F = -[H g_F]_F`` on the free set (``H`` the L-BFGS inverse
-  Hessian, applied to the gradient with ``A`` zeroed, so ``g^T d < 0``) and
-  ``d_A = -gamma g_A`` (diagonal metric) on the active set;
+  Hessian of the pairs restricted to the free set, by a two-loop recursion
+  that is a ``lax.scan``, so ``g^T d < 0``) and ``d_A = -gamma g_A``
+  (diagonal metric) on the active set;
 * a backtracking Armijo search along the projected path
   ``x(a) = P(x + a d)``: every trial point is inside the bounds, bit-exact,
-  so the function is never evaluated outside them;
+  so the function is never evaluated outside them. Where the Armijo test
+  asks for a decrease below f's rounding, an approximate Wolfe test (Hager &
+  Zhang 2005) on the gradient decides instead;
 * curvature pairs with ``s^T y <= eps_mach ||y||^2`` are skipped.
 
 No leaf is ever concatenated with another: inner products are sums of
@@ -135,63 +140,94 @@ def push_pair(memory: Memory, s, y) -> Memory:
                       memory)
 
 
+def reduced_curvature(memory: Memory, free):
+  """``s_j^T y_j`` and ``y_j^T y_j`` over the free coordinates, every slot.
+
+  One fused pass over the buffers (no masked copy of any pair).
+  """
+  def per_leaf(s, y, f):
+    axes = tuple(range(1, s.ndim))
+    return (jnp.sum(jnp.where(f, s * y, 0), axes),
+            jnp.sum(jnp.where(f, y * y, 0), axes))
+  parts = [per_leaf(s, y, f) for s, y, f in zip(
+      jax.tree.leaves(memory.s), jax.tree.leaves(memory.y),
+      jax.tree.leaves(free))]
+  dtype = jnp.result_type(memory.rho, *[p[0] for p in parts])
+  sy = sum(p[0].astype(dtype) for p in parts)
+  yy = sum(p[1].astype(dtype) for p in parts)
+  return sy, yy
+
+
 def apply_inverse_hessian(memory: Memory, q, free=None):
   """``H q`` by the two-loop recursion (Nocedal & Wright, Alg. 7.4).
 
-  With ``free`` (a boolean tree), the pairs are restricted to the free
-  coordinates and their curvature recomputed there: the recursion then
-  models the reduced Hessian ``B_FF`` rather than the principal part of the
-  full inverse, which is what a subspace Newton step needs.
+  With ``free`` (a boolean tree; ``q`` must vanish off it), the pairs are
+  restricted to the free coordinates and their curvature recomputed there:
+  the recursion then models the reduced Hessian ``B_FF`` rather than the
+  principal part of the full inverse, which is what a subspace Newton step
+  needs. Both loops are ``lax.scan`` over the slots (newest first, then
+  oldest first), so the compiled size does not grow with ``memory_size``.
   """
   m = memory.rho.shape[0]
-  slot = lambda i: (memory.head - 1 - i) % m  # newest first
+  age = (memory.head - 1 - jnp.arange(m)) % m  # 0 for the newest slot
+  valid = age < memory.count
   if free is None:
-    take = lambda buf, j: jax.tree.map(lambda b: b[j], buf)
+    rho = jnp.where(valid, memory.rho, 0)
+    gamma = memory.gamma
+    mask = lambda buf: buf
   else:
-    take = lambda buf, j: jax.tree.map(
-        lambda b, f: jnp.where(f, b[j], 0), buf, free)
-  pairs = []
-  for i in range(m):
-    j = slot(i)
-    s_j, y_j = take(memory.s, j), take(memory.y, j)
-    valid = i < memory.count
-    if free is None:
-      rho = jnp.where(valid, memory.rho[j], 0)
-    else:
-      sy = tree_vdot(s_j, y_j)
-      yy = tree_vdot(y_j, y_j)
-      good = valid & (sy > jnp.finfo(memory.rho.dtype).eps * yy) & (yy > 0)
-      rho = jnp.where(good, 1 / jnp.where(good, sy, 1), 0)
-    pairs.append((s_j, y_j, rho))
-  gamma = memory.gamma
-  if free is not None:  # H0 from the newest valid reduced pair
-    for s_j, y_j, rho in reversed(pairs):
-      yy = tree_vdot(y_j, y_j)
-      gamma = jnp.where(rho > 0, 1 / (rho * jnp.where(yy > 0, yy, 1)), gamma)
-  alphas = []
-  for s_j, y_j, rho in pairs:
-    a = rho * tree_vdot(s_j, q)
-    q = tree_axpy(-a, y_j, q)
-    alphas.append(a)
+    sy, yy = reduced_curvature(memory, free)
+    good = valid & (sy > jnp.finfo(memory.rho.dtype).eps * yy) & (yy > 0)
+    rho = jnp.where(good, 1 / jnp.where(good, sy, 1), 0)
+    # H0 from the newest pair with reduced curvature, else the given gamma.
+    newest = jnp.argmin(jnp.where(good, age, m))
+    gamma = jnp.where(jnp.any(good),
+                      sy[newest] / jnp.where(good, yy, 1)[newest],
+                      memory.gamma)
+    mask = lambda buf: jax.tree.map(
+        lambda b, f: jnp.where(f, b, jnp.zeros((), b.dtype)), buf, free)
+  # Slots newest first, gathered once: the scans then read their pairs in
+  # order (no per-step dynamic index, which vmap turns into gathers).
+  order = (memory.head - 1 - jnp.arange(m)) % m
+  pairs = jax.tree.map(lambda b: jnp.take(b, order, axis=0),
+                       (memory.s, memory.y))
+  rho = rho[order]
+
+  def newest_to_oldest(q, pair):
+    (s, y), rho_j = pair
+    a = rho_j * tree_vdot(s, q)
+    return tree_axpy(-a, mask(y), q), a
+
+  q, alphas = jax.lax.scan(newest_to_oldest, q, (pairs, rho))
   r = tree_scale(gamma, q)
-  for (s_j, y_j, rho), a in reversed(list(zip(pairs, alphas))):
-    b = rho * tree_vdot(y_j, r)
-    r = tree_axpy(a - b, s_j, r)
+
+  def oldest_to_newest(r, pair):
+    (s, y), rho_j, a = pair
+    b = rho_j * tree_vdot(y, r)
+    return tree_axpy(a - b, mask(s), r), None
+
+  r, _ = jax.lax.scan(oldest_to_newest, r, (pairs, rho, alphas),
+                      reverse=True)
   return r
 
 
 def direction(memory: Memory, x, g, lower, upper, eps_active: float):
   """The two-metric projected quasi-Newton direction (see module doc)."""
-  pg = projected_gradient_norm(x, g, lower, upper)
-  eps = jnp.minimum(eps_active, pg)
+  dtype = memory.gamma.dtype
+  tiny = jnp.finfo(dtype).tiny
+  first = memory.count == 0
+  # Active-set width in units of x: the gamma-scaled projected gradient
+  # (before any pair, gamma makes the step at most 1 long).
+  gamma = jnp.where(first, 1 / jnp.maximum(tree_max_abs(g), tiny),
+                    memory.gamma).astype(dtype)
+  eps = jnp.minimum(eps_active, projected_gradient_norm(
+      x, tree_scale(gamma, g), lower, upper))
   active = active_outward(x, g, lower, upper, eps)
   free_g = jax.tree.map(lambda gi, a: jnp.where(a, 0, gi), g, active)
-  # Without curvature pairs, scale the first step to move at most 1.
-  gamma = jnp.where(memory.count > 0, memory.gamma,
-                    1 / jnp.maximum(tree_max_abs(free_g), 1e-30))
-  memory = memory._replace(gamma=gamma.astype(memory.gamma.dtype))
+  gamma = jnp.where(first, 1 / jnp.maximum(tree_max_abs(free_g), tiny),
+                    gamma).astype(dtype)
   free = jax.tree.map(jnp.logical_not, active)
-  hq = apply_inverse_hessian(memory, free_g, free)
+  hq = apply_inverse_hessian(memory._replace(gamma=gamma), free_g, free)
   return jax.tree.map(
       lambda h, gi, a: jnp.where(a, -gamma * gi, -h).astype(gi.dtype),
       hq, g, active)
@@ -208,20 +244,46 @@ class SearchResult(NamedTuple):
   num_evals: jax.Array
 
 
+# Precision of f, in ulps of |f|: a decrease smaller than this is noise.
+NOISE_ULPS = 16
+
+
+def noise_level(value) -> jax.Array:
+  """``NOISE_ULPS * eps * |f|``: changes of f below this are rounding."""
+  return NOISE_ULPS * jnp.finfo(value.dtype).eps * jnp.abs(value)
+
+
 def projected_backtracking(value_and_grad, x, value, g, d, lower, upper, *,
                            max_steps: int = 20, c1: float = 1e-4,
                            initial_step=1.0) -> SearchResult:
-  """Armijo backtracking along ``P(x + a d)``; trial points stay in bounds.
+  """Backtracking along ``P(x + a d)``; trial points stay in bounds.
 
-  Accepts ``f(x(a)) <= f(x) + c1 <g, x(a) - x>``. Backtracks by safeguarded
+  With ``s = x(a) - x``, accepts the Armijo test ``f(x(a)) <= f(x) + c1
+  <g, s>``, or, once that test is below f's precision, its noise-floor
+  version (the approximate Wolfe test of Hager & Zhang, SIAM J. Optim.
+  16(1), 2005): the predicted decrease ``-<g, s>`` is under ``100 noise``,
+  ``f(x(a)) <= f(x) + noise`` (``noise = NOISE_ULPS eps |f(x)|``) and the
+  slope at the trial is still at most ``0.8 |<g, s>|`` (``<g(x(a)), s> <=
+  -0.8 <g, s>``), so the step did not overshoot. The gradient stays
+  informative where f has no digits left. Backtracks by safeguarded
   quadratic interpolation within ``[0.1 a, 0.5 a]``.
   """
+  # Scalars in one dtype: that of the value or the widest leaf.
+  dtype = jnp.result_type(value, *jax.tree.leaves(x))
+  value = jnp.asarray(value)
+  f0 = value.astype(dtype)
+  noise = noise_level(value).astype(dtype)
 
   def trial(step):
     xt = clip(tree_axpy(step, d, x), lower, upper)
     ft, gt = value_and_grad(xt)
-    decrease = tree_vdot(g, jax.tree.map(jnp.subtract, xt, x))
-    ok = jnp.isfinite(ft) & (ft <= value + c1 * decrease) & (decrease < 0)
+    s = jax.tree.map(jnp.subtract, xt, x)
+    decrease = tree_vdot(g, s).astype(dtype)
+    f = ft.astype(dtype)
+    armijo = f <= f0 + c1 * decrease
+    floor = ((-decrease <= 100 * noise) & (f <= f0 + noise)
+             & (tree_vdot(gt, s).astype(dtype) <= -0.8 * decrease))
+    ok = jnp.isfinite(f) & (decrease < 0) & (armijo | floor)
     return xt, ft, gt, decrease, ok
 
   def cond(carry):
@@ -235,7 +297,7 @@ def projected_backtracking(value_and_grad, x, value, g, d, lower, upper, *,
     f_last, dec_last = last
     # Quadratic model through f(0), its slope ~ dec/step, and f(step).
     slope = dec_last / step
-    curvature = f_last - value - slope * step
+    curvature = f_last.astype(dtype) - f0 - slope * step
     fit = jnp.where(curvature > 0, -slope * step**2 / (2 * curvature),
                     0.5 * step)
     fit = jnp.where(jnp.isfinite(fit), fit, 0.5 * step)
@@ -243,7 +305,7 @@ def projected_backtracking(value_and_grad, x, value, g, d, lower, upper, *,
     xt, ft, gt, dec, ok = trial(step)
     return step, xt, ft, gt, ok, n + 1, (ft, dec)
 
-  step0 = jnp.asarray(initial_step, value.dtype)
+  step0 = jnp.asarray(initial_step, dtype)
   xt, ft, gt, dec, ok = trial(step0)
   carry = (step0, xt, ft, gt, ok, jnp.ones((), jnp.int32), (ft, dec))
   _, xt, ft, gt, ok, n, _ = jax.lax.while_loop(cond, body, carry)

@@ -57,8 +57,13 @@ def lbfgsb(learning_rate: Optional[float] = None, memory_size: int = 10,
   ``optax.lbfgs``; the function is only evaluated inside the bounds. Use
   ``optax.value_and_grad_from_state`` to reuse the value and gradient the
   search already computed. With a ``learning_rate`` the step is
-  ``P(x + lr d)`` without a search (for stochastic settings; note that
-  mini-batch L-BFGS with bounds has no established convergence theory).
+  ``P(x + lr d)`` without a search.
+
+  Only full-batch (deterministic) objectives are supported in the sense of
+  a convergence guarantee. Stochastic (mini-batch) L-BFGS with bounds has no
+  established convergence theory, and posconstr does not claim one: with
+  mini-batches the curvature pairs and the line search see a different
+  function at every step, and nothing here corrects for that.
 
   Args:
     learning_rate: None for the line search, or a fixed step size.

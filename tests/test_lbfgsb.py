@@ -79,13 +79,15 @@ def _scipy_lbfgsb(fun, jac, x0, lo, hi):
 
 # ------------------------------------------------------------ NNLS, float64
 
-# fev/iter, measured (jax 0.10.2, CPU): diabetes 16/13 = 1.23, digits
-# 371/320 = 1.16, digits_random 28/20 = 1.40 (SciPy's L-BFGS-B: 47/34 = 1.38;
-# 5 of the 20 steps backtrack once, where the projected step crosses a bound).
-# The target is 1.3.
+# Measured (jax 0.10.2, CPU), iterations / evaluations, posconstr vs SciPy's
+# L-BFGS-B stopped at the same projected gradient: diabetes 13/15 vs 15/17,
+# digits 101/140 vs 471/487, digits_random 17/26 vs 34/47. The gamma-scaled
+# active-set width frees more coordinates, so about one step in three
+# crosses a bound and backtracks once (fev/iter 1.39 and 1.53; with the
+# unscaled width it was 1.16 and 1.40, but at 320/371 on digits).
 @pytest.mark.parametrize("name,tol,max_ratio", [
-    ("diabetes", 1e-10, 1.3), ("digits", 5e-9, 1.3),
-    ("digits_random", 5e-9, 1.45)])
+    ("diabetes", 1e-10, 1.3), ("digits", 5e-9, 1.45),
+    ("digits_random", 5e-9, 1.6)])
 def test_nnls_float64_matches_scipy(x64, name, tol, max_ratio):
   A, b = _PROBLEMS[name]()
   n = A.shape[1]
@@ -113,6 +115,12 @@ def test_nnls_float64_matches_scipy(x64, name, tol, max_ratio):
   print(f"{name}: {int(r.num_iter)} it, {int(r.num_fun_evals)} fev, "
         f"ratio {ratio:.3f}, gap {(f - f_ref) / abs(f_ref):.2e}")
   assert ratio <= max_ratio, ratio
+  # No more evaluations than SciPy's L-BFGS-B needs for the same test.
+  scipy_run = so.minimize(
+      lambda z: (_lsq(A, b, z), A.T @ (A @ z - b)), np.zeros(n), jac=True,
+      method="L-BFGS-B", bounds=[(0.0, None)] * n,
+      options=dict(maxcor=10, ftol=0.0, gtol=tol * pg0, maxiter=20000))
+  assert int(r.num_fun_evals) <= scipy_run.nfev, scipy_run.nfev
 
 
 # ------------------------------------------------------------ float32
@@ -229,17 +237,21 @@ def test_vmap_batch_matches_single_solves_and_nnls(x64):
   batched = jax.vmap(_nnls)(jnp.asarray(As), jnp.asarray(bs), x0)
   assert batched.params.shape == (16, 50)
   assert np.all(np.asarray(batched.params) >= 0)
-  # Measured: 15 converge in 15-19 it; problem 6 stalls at pg 5e-7 (the f
-  # floor: the remaining decrease, ~5e-16, is below an ulp of f = 91.4) and
-  # ends with linesearch_failed after 44 it / 351 fev, already at the optimum.
-  ended = np.asarray(batched.converged) | np.asarray(batched.linesearch_failed)
-  assert ended.all() and np.asarray(batched.converged).sum() >= 14
+  # Measured: all 16 converge in 15-19 it / 17-22 fev. (Before the
+  # noise-floor acceptance, problem 6 stalled at pg 5e-7, where the decrease
+  # left, ~5e-16, is below an ulp of f = 91.4, and took 44 it / 351 fev.)
+  assert np.asarray(batched.converged).all()
+  assert int(jnp.max(batched.num_fun_evals)) <= 1.3 * int(
+      jnp.max(batched.num_iter))
   for i in range(16):
     single = _nnls(jnp.asarray(As[i]), jnp.asarray(bs[i]), x0[i])
     np.testing.assert_allclose(np.asarray(batched.params[i]),
                                np.asarray(single.params), rtol=0, atol=1e-12)
+    # vmap's batched matmul rounds f in other last bits; at the noise floor
+    # that can cost or save one backtrack (measured: 2 of 16 lanes, +-1).
     assert int(batched.num_iter[i]) == int(single.num_iter)
-    assert int(batched.num_fun_evals[i]) == int(single.num_fun_evals)
+    assert abs(int(batched.num_fun_evals[i])
+               - int(single.num_fun_evals)) <= 1
     assert bool(batched.converged[i]) == bool(single.converged)
     x_ref, _ = so.nnls(As[i], bs[i])
     x = np.asarray(batched.params[i])
