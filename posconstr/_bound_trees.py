@@ -48,6 +48,8 @@ def leaf_boxes(params, lower, upper, owner: str) -> List[Optional[_intervals.Box
     if lo is None and hi is None:
       boxes.append(None)
       continue
+    # A bare array is `x0` to minimize, `params` to the Optax transforms.
+    path = _paths.shown(path, "x0" if owner == "minimize" else "params")
     try:
       box = _intervals.Box(lo, hi)
       box.check_leaf(_paths.leaf_shape(leaf), _paths.leaf_dtype(leaf), path)

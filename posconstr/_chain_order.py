@@ -22,6 +22,29 @@ def _contains_projection(state) -> bool:
   return False
 
 
+def _only_projections(state) -> bool:
+  """True when every transform in ``state`` is a plain projection.
+
+  Wrappers are looked through (chains, ``masked`` and ``inject_hyperparams``
+  via their ``inner_state``, ``multi_transform``'s per-label dict). A
+  ``projected`` optimizer is not a plain projection: its inner optimizer
+  would read the previous projection's displacement as a gradient.
+  """
+  if isinstance(state, _projection.ProjectionState):
+    return True
+  links = _chain_links(state)
+  if links is None and isinstance(state, dict):
+    links = list(state.items())
+  if links is not None:
+    return bool(links) and all(_only_projections(link) for _, link in links)
+  if isinstance(state, tuple) and "inner_state" in getattr(state, "_fields",
+                                                           ()):
+    if isinstance(state, _projected.ProjectedState):
+      return False
+    return _only_projections(state.inner_state)
+  return False
+
+
 def _chain_links(state):
   """The links of a chain state (plain tuple or named_chain dict), else None."""
   if type(state) is tuple:  # optax.chain's state; NamedTuples are not chains.
@@ -37,9 +60,13 @@ def _misplaced(state, where: str) -> List[str]:
   if links is not None:
     seen = None
     for name, link in links:
-      if _contains_projection(link):
-        seen = seen if seen is not None else name
-      elif seen is not None:
+      if seen is None:
+        if _contains_projection(link):
+          seen = name
+      elif not _only_projections(link):
+        # Also a link that ends in a projection of its own, as in
+        # chain(project_a, chain(adam, project_b)): adam reads project_a's
+        # displacement as a gradient, and project_b need not cover a's leaves.
         problems.append(
             f"{where}: the projection in link {seen!r} is followed by link "
             f"{name!r} ({type(link).__name__}), which changes the updates "
@@ -66,7 +93,9 @@ def check_projection_last(opt_state: Any) -> None:
   through ``optax.chain``, ``optax.named_chain``, ``optax.masked``,
   ``optax.inject_hyperparams`` and ``optax.MultiSteps``. A projection may be
   followed only by other projections; any link after it is flagged, even a
-  stateless one (its ``EmptyState`` still has a place in the chain). It
+  stateless one (its ``EmptyState`` still has a place in the chain) and one
+  that ends in a projection of its own (``chain(project_a, chain(adam,
+  project_b))``), or a :func:`posconstr.projected`. It
   cannot recognise ``optax.keep_params_nonnegative`` as a projection, since
   its state is a plain ``EmptyState``.
 

@@ -6,9 +6,7 @@ The obvious ``d = P(p + u) - p`` does not always land on ``P(p + u)``:
 ``(t - p) + p`` can round away from ``t`` (e.g. ``p = 1``, ``t = 1e-8`` in
 float32 gives 0, outside ``x >= 1e-8``). So, per coordinate:
 
-* where the projection leaves ``p + u`` unchanged, return ``u`` itself
-  (for norm balls, whose projection is a per-slice scale ``s``, slices with
-  ``s == 1``; elsewhere ``d = u s + p (s - 1)``):
+* where the projection leaves ``p + u`` unchanged, return ``u`` itself:
   ``apply_updates`` recomputes the very same ``p + u``;
 * where it moved the point, return ``t - p`` (exact whenever the target is 0);
 * for elementwise sets with non-zero bounds, if ``p + (t - p)`` misses ``t``,
@@ -17,8 +15,9 @@ float32 gives 0, outside ``x >= 1e-8``). So, per coordinate:
 
 The result is bit-for-bit the same as projecting after the step by hand,
 except when no float ``d`` makes ``p + d`` equal ``t`` (then the landing point
-is the nearest representable one that is still feasible).
-"""
+is the nearest representable one that is still feasible). Norm sets, whose
+landing grid can be much coarser than their tolerance, are in
+``posconstr._norm_landing``."""
 
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from posconstr import _constraint as base
+from posconstr import _norm_landing
 
 
 def _statically_zero(bound) -> bool:
@@ -67,14 +67,9 @@ def landing_update(param, update, constraint):
   """
   param = jnp.asarray(param)
   update = jnp.asarray(update)
+  if hasattr(constraint, "radial_scale") and param.size:
+    return _norm_landing.landing_update(param, update, constraint)
   stepped = (param + update).astype(param.dtype)  # as optax.apply_updates
-  if getattr(constraint, "scales_radially", False) and stepped.size:
-    # P(p + u) = (p + u) s, so d = u s + p (s - 1): XLA then keeps only the
-    # norm reduction's input in scratch memory, not also p + u for the update.
-    scale = constraint.radial_scale(stepped)
-    acc = scale.dtype
-    delta = (update.astype(acc) * scale + param.astype(acc) * (scale - 1))
-    return jnp.where(scale == 1, update, delta.astype(param.dtype))
   target = constraint.project(stepped)
   if constraint.elementwise:
     delta = delta_to(param, target, *constraint.bounds_in(param.dtype))

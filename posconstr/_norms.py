@@ -61,9 +61,15 @@ class _RadialNorm(base.Constraint):
 
   def project(self, x):
     x = jnp.asarray(x)
-    axes = self._axes(x)
     if x.size == 0:
       return x
+    return self.project_unrounded(x).astype(x.dtype)
+
+  def project_unrounded(self, x):
+    """``project(x)`` before rounding to ``x``'s dtype (float32 for half
+    precision leaves), so that landing can round each coordinate to suit."""
+    x = jnp.asarray(x)
+    axes = self._axes(x)
     acc = base.accumulation_dtype(x.dtype)
     xs = x.astype(acc)
     scale, target, positive = self._scale(xs, axes)
@@ -73,7 +79,20 @@ class _RadialNorm(base.Constraint):
       n = base.slice_size(x.shape, axes)
       uniform = jnp.broadcast_to(target / jnp.sqrt(jnp.asarray(n, acc)), y.shape)
       y = jnp.where(positive, y, uniform)
-    return y.astype(x.dtype)
+    return y
+
+  def reduction_axes(self, x):
+    """The axes of each slice of ``x``."""
+    return self._axes(jnp.asarray(x))
+
+  def landing_norm_bounds(self, x):
+    """``(lo, hi)``: the slice norms ``violation`` accepts for ``x``, less
+    a margin for the rounding of a sum in another order."""
+    x = jnp.asarray(x)
+    n = base.slice_size(x.shape, self._axes(x))
+    rtol = base.rounding_tolerance(x.dtype, n) - base.rounding_tolerance(
+        base.accumulation_dtype(x.dtype), n) / 2
+    return self.min_value * (1 - rtol), self.max_value * (1 + rtol)
 
   def _sides(self, x):
     """Per-slice masks (keepdims): norm at the max side, at the min side."""

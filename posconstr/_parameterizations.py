@@ -17,45 +17,15 @@ Half-precision inputs are computed in float32 and cast back.
 from __future__ import annotations
 
 import abc
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from posconstr import _activations
 from posconstr import _constraint
 from posconstr import _intervals
-
-
-@jax.custom_jvp
-def _softplus(x):
-  return jnp.maximum(x, 0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
-
-
-@_softplus.defjvp
-def _softplus_jvp(primals, tangents):
-  # One exp serves the value and the derivative (sigmoid); the derivative is
-  # the only residual kept for the backward pass.
-  (x,), (t,) = primals, tangents
-  e = jnp.exp(-jnp.abs(x))
-  y = jnp.maximum(x, 0) + jnp.log1p(e)
-  inv = 1 / (1 + e)
-  return y, jnp.where(x >= 0, inv, e * inv) * t
-
-
-@jax.custom_jvp
-def _sigmoid(x):
-  return jax.nn.sigmoid(x)
-
-
-@_sigmoid.defjvp
-def _sigmoid_jvp(primals, tangents):
-  # sigmoid(x) * sigmoid(-x) is accurate in both tails; jax.nn.sigmoid's
-  # sigmoid * (1 - sigmoid) is exactly 0 for x > 17 in float32 (1 - sigmoid
-  # rounds to 0) while it is ~1e-8 for x < -17: an upper-saturated latent
-  # would get no gradient at all, a lower-saturated one would.
-  (x,), (t,) = primals, tangents
-  y = jax.nn.sigmoid(x)
-  return y, y * jax.nn.sigmoid(-x) * t
 
 
 def _tiny(dtype):
@@ -111,17 +81,33 @@ class Parameterization(abc.ABC):
     return 1.0
 
   def forward(self, latent):
-    """The constrained value ``g(latent)``, same shape and dtype."""
+    """The constrained value ``g(latent)``, same shape and dtype.
+
+    The value is rounded into ``.constraint`` (bounds rounded inwards to the
+    dtype): ``eps + g(z)`` or ``lower + width * sigmoid(z)`` can round past
+    a bound that is not representable (``0.1`` in float16). The correction
+    is at most an ulp and keeps ``g'(z)`` as the derivative.
+    """
     latent = jnp.asarray(latent)
     acc = _constraint.accumulation_dtype(latent.dtype)
-    return self._forward(latent.astype(acc)).astype(latent.dtype)
+    value = self._forward(latent.astype(acc)).astype(latent.dtype)
+    if _bounds_exact(self, jnp.dtype(latent.dtype)):
+      return value  # Rounding is monotone: it cannot cross an exact bound.
+    inside = self.constraint.project(value)  # inf stays inf (Exp)
+    shift = jnp.where(inside == value, jnp.zeros_like(value), inside - value)
+    return value + jax.lax.stop_gradient(shift)
 
   def inverse(self, value):
     """The latent of ``value``: ``forward(inverse(w)) ~= w``.
 
+    The latent is finite, and so is ``forward`` of it: a latent whose
+    ``forward`` would overflow (``log(max)`` rounded up, for ``Exp``) is
+    moved one ulp down. Under ``jit``, ``+inf`` is first clamped to the
+    dtype's largest finite value.
+
     Raises:
       ValueError: if ``value`` is concrete and lies outside the closure of
-        the range (e.g. negative for ``Softplus``), or is NaN.
+        the range (e.g. negative for ``Softplus``), or is NaN or infinite.
     """
     value = jnp.asarray(value)
     if not jnp.issubdtype(value.dtype, jnp.floating):
@@ -129,15 +115,22 @@ class Parameterization(abc.ABC):
     acc = _constraint.accumulation_dtype(value.dtype)
     wide = value.astype(acc)
     if _constraint.is_concrete(wide):
-      bad = np.asarray(self._out_of_range(wide) | jnp.isnan(wide))
+      bad = np.asarray(self._out_of_range(wide) | ~jnp.isfinite(wide))
       if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
+        first = np.asarray(wide)[index]
+        what = ("is not finite: values must be finite and in the range"
+                if not np.isfinite(first) else "is outside the range")
         raise ValueError(
-            f"{self!r}.inverse: value {np.asarray(wide)[index]!r} at index "
-            f"{index} is outside the range of the parameterization "
-            f"({self.constraint!r}); {int(bad.sum())} of {bad.size} values "
-            "are out of range.")
-    return self._inverse(self._clamp(wide)).astype(value.dtype)
+            f"{self!r}.inverse: `value` {first!r} at index {index} {what} "
+            f"of the parameterization ({self.constraint!r}); "
+            f"{int(bad.sum())} of {bad.size} values are out of range.")
+    top = float(jnp.finfo(value.dtype).max)
+    latent = self._inverse(self._clamp(jnp.minimum(wide, top)))
+    latent = latent.astype(value.dtype)
+    overflows = jnp.isinf(self.forward(latent)) & ~jnp.isinf(latent)
+    return jnp.where(overflows, jax.lax.nextafter(
+        latent, jnp.full_like(latent, -jnp.inf)), latent)
 
   def fold(self, value):
     """Maps any value into the closed range; the identity on the range.
@@ -172,7 +165,29 @@ class Parameterization(abc.ABC):
     (derivative exactly 0), sigmoid's saturation, or a softplus latent far
     below zero.
     """
+    check_tol(tol, f"{self!r}.dead")
     return jnp.abs(self.derivative(latent)) < tol * self._scale()
+
+
+def check_tol(tol, owner: str) -> None:
+  """``tol`` of ``dead``: a real number >= 0 (or a traced one)."""
+  _constraint.check_real("tol", tol, owner)
+  if _constraint.is_concrete(tol) and float(tol) < 0:
+    raise ValueError(f"{owner}: `tol` must be >= 0, got {tol!r}.")
+
+
+@functools.lru_cache(maxsize=None)
+def _bounds_exact(parameterization, dtype) -> bool:
+  """Whether ``forward``'s bounds, and a box's width, are exact in ``dtype``
+  and its accumulation dtype (``Softplus()``, ``Sigmoid(-1, 2)``: yes;
+  ``eps=0.1``: no), so that no rounding of the value can cross them."""
+  acc = _constraint.accumulation_dtype(dtype)
+  ends = [parameterization._lower()]
+  if isinstance(parameterization, Sigmoid):
+    ends += [parameterization.upper,
+             parameterization.upper - parameterization.lower]
+  return all(float(np.asarray(v, dtype)) == v and float(np.asarray(v, acc)) == v
+             for v in ends)
 
 
 def _check_eps(eps, owner):
@@ -234,7 +249,7 @@ class Softplus(_LowerBounded):
     self._init(beta=float(beta), eps=_check_eps(eps, "Softplus"))
 
   def _forward(self, z):
-    return self.eps + _softplus(self.beta * z) / self.beta
+    return self.eps + _activations.softplus(z, self.beta)
 
   def _inverse(self, w):
     # For beta < 1, beta * (smallest normal) is subnormal and flushes to 0.
@@ -355,7 +370,7 @@ class Sigmoid(Parameterization):
     return self.lower
 
   def _forward(self, z):
-    return self.lower + (self.upper - self.lower) * _sigmoid(z)
+    return self.lower + (self.upper - self.lower) * _activations.sigmoid(z)
 
   def _out_of_range(self, w):
     return (w < self.lower) | (w > self.upper)

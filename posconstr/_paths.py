@@ -34,6 +34,15 @@ def path_to_str(path: Sequence[Any]) -> str:
   return "/".join(key_to_str(k) for k in path)
 
 
+def shown(path: str, root: str = "params") -> str:
+  """``path`` for messages; the root itself (a bare array) is named ``root``.
+
+  >>> shown("Dense_0/kernel"), shown("")
+  ('Dense_0/kernel', 'params')
+  """
+  return path if path else root
+
+
 def leaves_with_paths(tree) -> Tuple[List[str], List[Any], Any]:
   """Returns (paths, leaves, treedef) of ``tree``."""
   pairs, treedef = jtu.tree_flatten_with_path(tree)

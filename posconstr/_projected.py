@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -22,6 +23,20 @@ def _drop_outward(constraint, grad, param):
     return grad
   return jnp.where(constraint.pushing_out(param, grad), jnp.zeros_like(grad),
                    grad)
+
+
+def _no_zero_over_zero(constraint, step, grad, param):
+  """0 for the inner step where the gradient was zeroed and the step is NaN.
+
+  Adam's ``mu / (sqrt(nu) + eps)`` is ``0 / 0`` for a zero gradient when
+  ``eps`` underflows (``1e-8`` is 0 in float16); the zero was ours, and a
+  zero gradient's step is 0. A NaN gradient is never zeroed, so its NaN step
+  still reaches the parameters.
+  """
+  if constraint is None or not constraint.elementwise:
+    return step
+  zeroed = constraint.pushing_out(param, grad)
+  return jnp.where(zeroed & jnp.isnan(step), jnp.zeros_like(step), step)
 
 
 def projected(inner: optax.GradientTransformation, constraint,
@@ -46,6 +61,12 @@ def projected(inner: optax.GradientTransformation, constraint,
   the tangent cone of those sets is not a per-coordinate condition, and
   masking coordinates would bias the optimizer, so the gradient is passed
   through unchanged.
+
+  Where step 1 zeroed a gradient, a NaN step from ``inner`` is taken as 0:
+  ``optax.adam``'s default ``eps=1e-8`` is 0 in float16, so Adam's step for
+  an exactly zero gradient is ``0 / 0``. NaN gradients still reach the
+  parameters (plain ``optax.adam`` in float16 has the same ``0 / 0`` for
+  gradients that are zero on their own: pass ``eps=1e-4`` there).
 
   ``projected`` is a whole optimizer, not a link: use it in place of
   ``inner`` (it may itself be a chain). Nothing may come after it.
@@ -90,6 +111,9 @@ def projected(inner: optax.GradientTransformation, constraint,
     grads = _projection.map_plan(plan, _drop_outward, updates, params, owner)
     steps, inner_state = inner.update(grads, state.inner_state, params,
                                       **extra_args)
+    steps = jax.tree.map(_no_zero_over_zero,
+                         jax.tree.structure(params).unflatten(plan), steps,
+                         updates, params, is_leaf=_projection.is_plan_leaf)
     return (_projection.land(plan, steps, params, owner),
             ProjectedState(inner_state))
 

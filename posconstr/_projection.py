@@ -25,7 +25,7 @@ class ProjectionState(NamedTuple):
   """
 
 
-def _is_plan_leaf(x) -> bool:
+def is_plan_leaf(x) -> bool:
   return x is None or isinstance(x, _constraint.Constraint)
 
 
@@ -50,7 +50,7 @@ def map_plan(plan: list, fn: Callable, tree, params, owner: str):
                      f"tree: {e}") from e
   return jax.tree.map(
       lambda c, x, p: x if c is None else fn(c, x, p),
-      treedef.unflatten(plan), tree, params, is_leaf=_is_plan_leaf)
+      treedef.unflatten(plan), tree, params, is_leaf=is_plan_leaf)
 
 
 def land(plan: list, updates, params, owner: str):

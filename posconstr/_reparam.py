@@ -32,8 +32,9 @@ def check_parameterization_arg(value, name: str, owner: str) -> None:
 def _check_leaf(parameterization, leaf, path, owner):
   dtype = _paths.leaf_dtype(leaf)
   if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"{owner}: parameter `{path}` has dtype {dtype}; only "
-                    "floating-point leaves can be reparameterized.")
+    raise TypeError(f"{owner}: parameter `{_paths.shown(path)}` has dtype "
+                    f"{dtype}; only floating-point leaves can be "
+                    "reparameterized.")
 
 
 def make_plan(tree, rules: Rules, mask, owner: str) -> list:
@@ -132,6 +133,7 @@ def dead_fraction(latents, rules: Rules, mask=None,
     >>> float(frac["w"])
     0.5
   """
+  _parameterizations.check_tol(tol, "dead_fraction")
   rules = check_rules_arg(rules, mask, "dead_fraction")
   plan = make_plan(latents, rules, mask, "dead_fraction")
   paths, leaves, _ = _paths.leaves_with_paths(latents)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +89,15 @@ def format_report(report: Dict[str, LeafReport],
     |---|---:|---:|---:|---:|
     | w | 2 | 50.00% | - | 0 |
   """
+  if not isinstance(report, Mapping):
+    raise TypeError(
+        "format_report: `report` must be the dict that constraint_report "
+        f"returns ({{path: LeafReport}}), got {type(report).__name__}.")
+  for path, r in report.items():
+    if not isinstance(r, LeafReport):
+      raise TypeError(
+          f"format_report: `report[{path!r}]` must be a LeafReport (from "
+          f"constraint_report), got {r!r} of type {type(r).__name__}.")
   lines = [] if title is None else [f"**{title}**", ""]
   lines += ["| parameter | size | on bound | stuck | max violation |",
             "|---|---:|---:|---:|---:|"]

@@ -8,6 +8,7 @@ nothing inside ``jit``.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import jax
@@ -33,6 +34,22 @@ def check_mask_arg(mask, owner: str) -> None:
           f"booleans, got {mask!r}.")
   if isinstance(mask, str) and not mask:
     raise ValueError(f"{owner}: `mask` pattern must not be empty.")
+  if ((isinstance(mask, numbers.Number) or hasattr(mask, "shape"))
+      and not _is_scalar_bool(mask)):
+    got = (repr(mask) if np.ndim(mask) == 0
+           else f"an array of shape {np.shape(mask)}")
+    raise TypeError(
+        f"{owner}: `mask` must be None, a glob pattern, a list of patterns, a "
+        f"callable or a bool pytree (True/False for the whole tree), got "
+        f"{got} of type {type(mask).__name__}. A mask selects whole leaves; "
+        "for a per-element choice use Box bounds.")
+
+
+def _is_scalar_bool(value) -> bool:
+  if isinstance(value, (bool, np.bool_)):
+    return True
+  return hasattr(value, "dtype") and np.ndim(value) == 0 and (
+      value.dtype == bool)
 
 
 def _unmatched_patterns_error(owner, patterns, paths):
@@ -47,13 +64,14 @@ def _as_static_bool(value, path: str, owner: str) -> bool:
     return bool(value)
   if isinstance(value, jax.core.Tracer):
     raise TypeError(
-        f"{owner}: the mask entry for `{path}` is traced; masks must be "
+        f"{owner}: the mask entry for `{_paths.shown(path, 'mask')}` is traced; masks must be "
         "static Python booleans (computed from the tree's structure, not its "
         "values).")
   if hasattr(value, "dtype") and np.ndim(value) == 0 and value.dtype == bool:
     return bool(value)
   raise TypeError(
-      f"{owner}: mask entries must be booleans, got {value!r} at `{path}`.")
+      f"{owner}: mask entries must be booleans, got {value!r} at "
+      f"`{_paths.shown(path, 'mask')}`.")
 
 
 def _prefix_mismatch(mask_paths, param_paths) -> str:
@@ -135,14 +153,20 @@ def check_rules(rules, owner: str, expected_type, kind: str) -> dict:
       raise TypeError(f"{owner}: rule keys must be non-empty path patterns "
                       f"(str), got {pattern!r}.")
     if value is not None and not isinstance(value, expected_type):
+      hint = ""
+      if hasattr(value, "forward") and hasattr(value, "inverse"):
+        hint = (" It is a parameterization: reparameterize with "
+                "`posconstr.reparam` (or the linen/nnx wrappers), or project "
+                "onto its range with its `.constraint`.")
       raise TypeError(
           f"{owner}: the rule for {pattern!r} must be a {kind} or None, got "
-          f"{value!r} of type {type(value).__name__}.")
+          f"{value!r} of type {type(value).__name__}.{hint}")
   return dict(rules)
 
 
 def _check_leaf(constraint, leaf, path):
-  constraint.check_leaf(_paths.leaf_shape(leaf), _paths.leaf_dtype(leaf), path)
+  constraint.check_leaf(_paths.leaf_shape(leaf), _paths.leaf_dtype(leaf),
+                        _paths.shown(path))
 
 
 def plan_from_rules(params, rules: Mapping[str, Any], owner: str,

@@ -93,11 +93,24 @@ CASES = [
     ("mask.int_leaf",
      lambda: pc.project_nonneg(mask="i").init({"i": jnp.arange(3)}),
      TypeError, r"cannot constrain parameter `i` of dtype int32"),
+    ("mask.scalar_int", lambda: pc.project_nonneg(mask=3), TypeError,
+     r"project\(NonNegative\(eps=0.0\)\): `mask` must be None, a glob "
+     r"pattern, .*got 3 of type int"),
+    ("mask.bool_array",
+     lambda: pc.project_nonneg(mask=np.array([True, False])), TypeError,
+     r"`mask` must be None.*got an array of shape \(2,\) of type ndarray"),
+    ("constrain.int_bare_array",
+     lambda: pc.constrain({"*": pc.NonNegative()}).init(jnp.arange(3)),
+     TypeError, r"cannot constrain parameter `params` of dtype int32"),
+    ("minimize.int_bare_x0",
+     lambda: pc.minimize(lambda x: jnp.sum(x ** 2), jnp.arange(3), lower=0.0),
+     TypeError, r"minimize: bounds of parameter `x0`: .*dtype int32"),
     # ------------------------------------------------ rules (constrain)
     ("constrain.parameterization_rule",
      lambda: pc.constrain({"layer/w": pc.Softplus()}), TypeError,
      r"constrain: the rule for 'layer/w' must be a constraint set or None, "
-     r"got Softplus"),
+     r"got Softplus.*It is a parameterization: reparameterize with "
+     r"`posconstr.reparam`"),
     ("constrain.empty", lambda: pc.constrain({}), ValueError,
      r"constrain: `rules` must not be empty"),
     ("constrain.list", lambda: pc.constrain([("w", pc.NonNegative())]),
@@ -175,6 +188,12 @@ CASES = [
      lambda: pc.constraint_report(P, {"layer/v": pc.NonNegative()}),
      ValueError, r"constraint_report: pattern\(s\) \['layer/v'\] match no "
      r"parameter path"),
+    ("format_report.not_a_report", lambda: pc.format_report(None),
+     TypeError, r"format_report: `report` must be the dict that "
+     r"constraint_report returns.*got NoneType"),
+    ("format_report.bad_entry", lambda: pc.format_report({"w": 1.0}),
+     TypeError, r"format_report: `report\['w'\]` must be a LeafReport.*got "
+     r"1.0 of type float"),
     # ------------------------------------------------ minimize
     ("minimize.lower>upper", lambda: pc.minimize(_f, P, lower=1.0, upper=0.0),
      ValueError, r"minimize: bounds of parameter `layer/b`: .*`lower` must be "
@@ -223,14 +242,26 @@ CASES = [
      r"Sigmoid: `lower` must be < `upper`, got lower=1.0, upper=1.0"),
     ("Softplus.inverse_out_of_range",
      lambda: pc.Softplus().inverse(jnp.array([1.0, -1.0])), ValueError,
-     r"Softplus\(beta=1.0, eps=0.0\).inverse: value .*-1.0.* at index "
+     r"Softplus\(beta=1.0, eps=0.0\).inverse: `value` .*-1.0.* at index "
      r"\(1,\) is outside the range"),
     ("Sigmoid.inverse_out_of_range", lambda: pc.Sigmoid(0, 1).inverse(2.0),
-     ValueError, r"Sigmoid\(lower=0.0, upper=1.0\).inverse: value .*2.0.* is "
+     ValueError, r"Sigmoid\(lower=0.0, upper=1.0\).inverse: `value` .*2.0.* is "
      r"outside the range of the parameterization \(Box\(lower=0.0, "
      r"upper=1.0\)\)"),
     ("Exp.inverse_nan", lambda: pc.Exp(eps=0.5).inverse(jnp.nan),
-     ValueError, r"Exp\(eps=0.5\).inverse: value .*nan.* is outside"),
+     ValueError, r"Exp\(eps=0.5\).inverse: `value` .*nan.* is not finite"),
+    ("Softplus.inverse_inf",
+     lambda: pc.Softplus().inverse(jnp.array([1.0, jnp.inf])), ValueError,
+     r"Softplus\(beta=1.0, eps=0.0\).inverse: `value` .*inf.* at index "
+     r"\(1,\) is not finite"),
+    ("dead_fraction.tol<0",
+     lambda: pc.dead_fraction(P, pc.Softplus(), tol=-1.0), ValueError,
+     r"dead_fraction: `tol` must be >= 0, got -1.0"),
+    ("dead.tol=str", lambda: pc.ReLU().dead(jnp.ones(2), tol="0"), TypeError,
+     r"ReLU\(\).dead: `tol` must be a real number, got '0'"),
+    ("dead_fraction.int_bare_array",
+     lambda: pc.dead_fraction(jnp.arange(3), pc.ReLU(), mask="*"), TypeError,
+     r"dead_fraction: parameter `params` has dtype int32"),
     # ------------------------------------------------ reparam
     ("reparam.constraint", lambda: pc.reparam(P, pc.NonNegative()),
      TypeError, r"reparam: `rules` must be a parameterization.*It is a "

@@ -151,58 +151,124 @@ NORM_DTYPES = {"f16": jnp.float16, "bf16": jnp.bfloat16, "f32": jnp.float32}
 
 @pytest.fixture(scope="module")
 def far_out():
-  """Large weights (|p| ~ 30, 256 columns) projected onto norm <= 1 in one
-  step, every (set, dtype) in ONE jit: {(name, dtype): (dtype, violation)}."""
+  """Weights (|p| ~ 30 and ~ 5, 256 columns of 6) projected onto the norm
+  sets in one step, every (scale, set, dtype) in ONE jit:
+  {(scale, name, dtype): (params (float64), p + u, new params, violation)}.
+  """
   rng = np.random.default_rng(1)
-  p64, g64 = 30 * rng.normal(size=(6, 256)), rng.normal(size=(6, 256))
+  p64, g64 = rng.normal(size=(6, 256)), rng.normal(size=(6, 256))
 
   @jax.jit
   def run(p64, g64):
     out = {}
-    for name in NORMS:
-      tx = optax.chain(optax.sgd(1.0), pc.constrain({"w": SETS[name]}))
-      for dtype_name, dtype in NORM_DTYPES.items():
-        params = {"w": p64.astype(dtype)}
-        updates, _ = tx.update({"w": g64.astype(dtype)}, tx.init(params),
-                               params)
-        out[name, dtype_name] = optax.apply_updates(params, updates)["w"]
+    for scale in (30, 5):
+      for name in NORMS:
+        tx = optax.chain(optax.sgd(1.0), pc.constrain({"w": SETS[name]}))
+        for dtype_name, dtype in NORM_DTYPES.items():
+          params = {"w": (scale * p64).astype(dtype)}
+          updates, _ = tx.update({"w": g64.astype(dtype)}, tx.init(params),
+                                 params)
+          stepped = params["w"] - g64.astype(dtype)  # p + u, u = -g
+          out[scale, name, dtype_name] = (
+              stepped, optax.apply_updates(params, updates)["w"])
     return out
 
   news = run(jnp.asarray(p64, jnp.float32), jnp.asarray(g64, jnp.float32))
   # Measured on the materialized arrays (see `runs`).
-  violations = jax.jit(lambda news: {key: SETS[key[0]].violation(new)
+  violations = jax.jit(lambda news: {key: SETS[key[1]].violation(new[1])
                                      for key, new in news.items()})(news)
-  return {key: (np.asarray(news[key]), np.asarray(violations[key]))
+  return {key: (30 * p64 if key[0] == 30 else 5 * p64,
+                np.asarray(news[key][0]).astype(np.float64),
+                np.asarray(news[key][1]), np.asarray(violations[key]))
           for key in news}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library defect: for norm sets the update d = u s + p (s - 1) is "
-    "rounded in p's dtype, and p + d misses the rescaled point by up to "
-    "ulp(|p|) / 2; from |p| ~ 30 onto norm <= 1 some of 256 columns end "
-    "outside the set beyond its own 2 n eps tolerance: violation ~0.2 in "
-    "bfloat16 (MaxNorm(0.5)), ~0.02 in float16, ~3e-6 in float32"))
 @pytest.mark.parametrize("dtype_name", list(NORM_DTYPES))
-@pytest.mark.parametrize("name", NORMS)
+@pytest.mark.parametrize("name", ["MaxNorm", "MinMaxNorm"])
 def test_norm_sets_land_in_the_set_from_far_outside(far_out, name,
                                                     dtype_name):
-  new, violation = far_out[name, dtype_name]
+  """Balls and thick shells: each coordinate is rounded so that the norm
+  lands inside even when ``p + d`` can only hit a grid of ulp(|p|)."""
+  _, _, new, violation = far_out[30, name, dtype_name]
   assert new.dtype == NORM_DTYPES[dtype_name]
   assert float(violation) == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect (optax + projected): optax.adam's eps=1e-8 is 0 in float16, so "
-    "an exactly zero gradient gives 0/0 = NaN; projected() zeroes the "
-    "outward gradient at every coordinate held on a bound, so each such "
-    "float16 weight becomes NaN (bfloat16 and float32 are fine)"))
+@pytest.mark.parametrize("scale", [30, 5])
+@pytest.mark.parametrize("dtype_name", list(NORM_DTYPES))
+def test_max_norm_lands_each_coordinate_just_inside_the_projection(
+    far_out, dtype_name, scale):
+  """Against the float64 projection t of p + u: |new| <= |t| with the same
+  sign, within 2 eps (|p| + 2 |t|) (the landing grid is about eps |p|)."""
+  params, stepped, new, _ = far_out[scale, "MaxNorm", dtype_name]
+  eps = float(jnp.finfo(NORM_DTYPES[dtype_name]).eps)
+  norms = np.linalg.norm(stepped, axis=0, keepdims=True)
+  t = stepped * np.minimum(1, 0.5 / norms)
+  new = new.astype(np.float64)
+  assert (norms > 0.5).mean() > 0.9  # Most columns are projected.
+  assert (np.abs(new) <= np.abs(t) * (1 + 2 ** -20)).all()
+  assert (new * t >= 0).all()
+  assert (np.abs(new - t) <= 2 * eps * (np.abs(params) + 2 * np.abs(t))).all()
+
+
+@pytest.mark.parametrize("dtype_name", list(NORM_DTYPES))
+def test_unit_norm_lands_on_the_sphere_from_moderately_outside(far_out,
+                                                               dtype_name):
+  _, _, new, violation = far_out[5, "UnitNorm", dtype_name]
+  assert new.dtype == NORM_DTYPES[dtype_name]
+  assert float(violation) == 0.0
+
+
+@pytest.mark.parametrize("dtype_name", list(NORM_DTYPES))
+def test_unit_norm_from_far_outside_misses_by_at_most_the_landing_grid(
+    far_out, dtype_name):
+  """From |p| ~ 30 the sphere's width (2 n eps) is finer than the grid
+  p + d can reach (spacing <= 2 ulp(|p| + 1) per coordinate): each slice's
+  norm is then within that grid's diagonal of 1, not always within 2 n eps."""
+  params, _, new, _ = far_out[30, "UnitNorm", dtype_name]
+  dtype = NORM_DTYPES[dtype_name]
+  eps = float(jnp.finfo(dtype).eps)
+  p64 = np.abs(params) + 1
+  grid = 2 * eps * 2.0 ** np.floor(np.log2(p64))  # 2 ulp(|p| + 1)
+  reach = np.sqrt(np.sum(grid ** 2, axis=0)) + 12 * eps
+  norms = np.linalg.norm(new.astype(np.float64), axis=0)
+  assert (np.abs(norms - 1) <= reach).all()
+
+
+def test_unit_norm_can_be_out_of_reach_for_a_single_large_bfloat16_weight():
+  """The limit of one update: no bfloat16 ``d`` at all makes 300 + d land
+  on the unit sphere (brute force over every bfloat16 value), so the
+  landing is the best reachable point, 0 or 2, and says so via violation."""
+  bf16 = jnp.bfloat16
+  every = np.arange(2 ** 16, dtype=np.uint16).view(jnp.dtype(bf16))
+  finite = every[np.isfinite(every.astype(np.float32))]
+  landed = (np.asarray(300, bf16) + finite).astype(np.float64)
+  assert not np.any(np.abs(np.abs(landed) - 1) <= 2 * 2.0 ** -7)
+  params = {"w": jnp.array([300.0], bf16)}
+  tx = pc.constrain({"w": pc.UnitNorm(axis=None)})
+  updates, _ = tx.update({"w": jnp.zeros(1, bf16)}, tx.init(params), params)
+  new = float(optax.apply_updates(params, updates)["w"][0])
+  assert new in (0.0, 2.0)
+
+
 def test_projected_adam_float16_with_default_eps():
   params = {"w": jnp.array([0.0, 1.0], jnp.float16)}
   grads = {"w": jnp.array([1.0, 1.0], jnp.float16)}  # Pushes w[0] out.
   tx = pc.projected(optax.adam(0.1), pc.NonNegative())
   new = jax.jit(lambda p, g: optax.apply_updates(
       p, tx.update(g, tx.init(p), p)[0]))(params, grads)["w"]
-  assert np.isfinite(np.asarray(new, np.float32)).all(), new
+  # w[0] stays on the bound; w[1] takes Adam's first step, -lr * sign(g).
+  np.testing.assert_array_equal(np.asarray(new, np.float32),
+                                np.float16([0.0, 0.9]).astype(np.float32))
+
+
+def test_projected_adam_float16_still_passes_nan_gradients():
+  params = {"w": jnp.array([0.0, 1.0, 0.0], jnp.float16)}
+  grads = {"w": jnp.array([1.0, jnp.nan, jnp.nan], jnp.float16)}
+  tx = pc.projected(optax.adam(0.1), pc.NonNegative())
+  new = jax.jit(lambda p, g: optax.apply_updates(
+      p, tx.update(g, tx.init(p), p)[0]))(params, grads)["w"]
+  assert np.isnan(np.asarray(new, np.float32)).tolist() == [False, True, True]
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["f16", "bf16"])
@@ -270,11 +336,6 @@ def test_lbfgsb_with_value_fn_keeps_dtypes_and_bounds():
     assert state.value.dtype == jnp.float64
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "library defect: a float32 objective over a tree with a float64 leaf "
-    "fails inside the line search (while_loop carry float32 vs float64: "
-    "the step size takes the value's dtype, the interpolation the widest "
-    "leaf's)"))
 def test_lbfgsb_float32_value_with_float64_leaf():
   with jax.enable_x64(True):
     params = {"s": jnp.ones(3, jnp.float32), "d": jnp.ones(3, jnp.float64)}
@@ -282,12 +343,22 @@ def test_lbfgsb_float32_value_with_float64_leaf():
     def f(p):
       return jnp.sum(p["s"] ** 2) + jnp.sum(p["d"] ** 2).astype(jnp.float32)
 
-    tx = pc.lbfgsb(memory_size=1, max_linesearch_steps=1, lower=0.1)
+    tx = pc.lbfgsb(memory_size=1, lower=0.1)
 
-    @jax.jit  # Fails while tracing: no compile needed.
+    @jax.jit  # Used to fail while tracing (float32 step, float64 slope).
     def step(params, state):
       value, grad = jax.value_and_grad(f)(params)
-      return tx.update(grad, state, params, value=value, grad=grad,
-                       value_fn=f)
+      updates, state = tx.update(grad, state, params, value=value, grad=grad,
+                                 value_fn=f)
+      return optax.apply_updates(params, updates), state
 
-    step(params, tx.init(params))
+    state = tx.init(params)
+    for _ in range(3):
+      params, state = step(params, state)
+    assert params["s"].dtype == jnp.float32
+    assert params["d"].dtype == jnp.float64
+    # min of sum(x^2) over x >= 0.1 is the bound, reached exactly.
+    for leaf in params.values():
+      np.testing.assert_array_equal(np.asarray(leaf), np.asarray(
+          jnp.full(3, 0.1, leaf.dtype)))
+    assert float(state.value) == float(f(params))

@@ -4,9 +4,8 @@ a pytree with float16, bfloat16, float32 and float64 leaves.
 Per dtype: forward is finite for latents in [-100, 100] (Exp up to
 log(max), where it saturates to +inf), its values lie in ``.constraint``,
 and ``forward(inverse(w)) ~= w`` within the rounding that a latent stored
-in that dtype allows, over the representable range and at its ends. Known
-failures are strict xfails naming the defect (see each reason). Everything
-for one dtype is computed in one jit.
+in that dtype allows, over the representable range and at its ends.
+Everything for one dtype is computed in one jit.
 """
 
 import functools
@@ -165,42 +164,10 @@ def _result(name, dtype_name):
   return _computed(dtype_name)[2][G_IDS.index(name)]
 
 
-OUTSIDE = (  # Parameterizations whose forward rounds outside .constraint.
-    "library defect: lower + (upper - lower) * sigmoid(z) rounds past the "
-    "inward-rounded bounds of Box(0.1, 0.3) (0.1 and 0.3 are not "
-    "representable), in float32 too")
-OUTSIDE_F16 = (
-    "library defect: eps + g(z) is computed in float32 and rounded to the "
-    "nearest float16, 0.09998 < 0.1 (the set's bound is rounded up to "
-    "0.10010)")
-OVERFLOW = (
-    "library defect: forward(inverse(max)) overflows to inf: Softplus(beta>1) "
-    "computes beta*z, which overflows for z > max/beta; Exp's latent "
-    "log(max) rounds up, so exp of it exceeds max")
-
-
-def _xfail_outside(name, dtype_name):
-  if name.startswith("Sigmoid(0.1"):
-    return OUTSIDE
-  return OUTSIDE_F16 if dtype_name == "f16" and "0.1" in name else None
-
-
-def _xfail_top(name, dtype_name):
-  overflow = {("Softplus(2,0.1)", "bf16"), ("Softplus(2,0.1)", "f32"),
-              ("Exp(0.1)", "f16"), ("Exp(0.1)", "f32")}
-  return OVERFLOW if (name, dtype_name) in overflow else None
-
-
-def _cases(xfail):
-  """(name, dtype_name) for bf16, f16, f32, strict xfail where known."""
-  out = []
-  for dtype_name in ("bf16", "f16", "f32"):
-    for name in G_IDS:
-      reason = xfail(name, dtype_name)
-      marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-      out.append(pytest.param(name, dtype_name, marks=marks,
-                              id=f"{name}-{dtype_name}"))
-  return out
+def _cases():
+  """(name, dtype_name) for bf16, f16, f32."""
+  return [pytest.param(name, dtype_name, id=f"{name}-{dtype_name}")
+          for dtype_name in ("bf16", "f16", "f32") for name in G_IDS]
 
 
 @pytest.mark.parametrize("name", G_IDS)
@@ -221,7 +188,7 @@ def test_forward_is_finite_for_latents_up_to_100(name, dtype_name):
     assert np.isfinite(w).all()
 
 
-@pytest.mark.parametrize("name,dtype_name", _cases(_xfail_outside))
+@pytest.mark.parametrize("name,dtype_name", _cases())
 def test_forward_lands_in_the_constraint(name, dtype_name):
   assert float(_result(name, dtype_name)["violation"]) == 0.0
 
@@ -279,7 +246,7 @@ def test_inverse_at_the_lower_end_is_finite(name, dtype_name):
                                4 * float(jnp.finfo(dtype).tiny))
 
 
-@pytest.mark.parametrize("name,dtype_name", _cases(_xfail_top))
+@pytest.mark.parametrize("name,dtype_name", _cases())
 def test_round_trip_at_the_top_of_the_range_stays_finite(name, dtype_name):
   """At the dtype's max (or a Sigmoid's upper bound, rounded inwards)."""
   g = PARAMETERIZATIONS[name]

@@ -290,9 +290,14 @@ _adam = lambda: optax.adam(1e-2)
     optax.multi_transform(
         {"a": optax.chain(_proj(), optax.adam(1e-2)), "b": optax.sgd(0.1)},
         {"w": "a", "b": "b"}),
+    # The later link ends in a projection, but of other leaves.
+    optax.chain(_proj(mask="w"), optax.chain(_adam(), _proj(mask="b"))),
+    optax.chain(_adam(), _proj(mask="w"),
+                posconstr.projected(_adam(), posconstr.NonNegative())),
 ], ids=["before-adam", "scale_by_adam-proj-scale", "nested-second",
         "nested-first", "inside-masked", "masked-then-sgd", "inject-then-adam",
-        "inside-multisteps", "named_chain", "multi_transform"])
+        "inside-multisteps", "named_chain", "multi_transform",
+        "proj-then-chain-ending-in-proj", "proj-then-projected"])
 def test_check_projection_last_detects_bad_order(tx):
   state = tx.init(_P)
   with pytest.raises(ValueError, match=r"the projection in link .* is "
@@ -313,8 +318,11 @@ def test_check_projection_last_detects_bad_order(tx):
         {"a": optax.chain(optax.adam(1e-2), _proj()), "b": optax.sgd(0.1)},
         {"w": "a", "b": "b"}),
     optax.adam(1e-2),
+    optax.chain(_adam(), _proj(mask="w"),
+                optax.chain(_proj(mask="b"), optax.masked(_proj(), _W))),
 ], ids=["adam-proj", "adam-proj-proj", "masked-last", "inject-last",
-        "multisteps", "named_chain", "multi_transform", "no-projection"])
+        "multisteps", "named_chain", "multi_transform", "no-projection",
+        "adam-proj-chain-of-projs"])
 def test_check_projection_last_accepts_good_order(tx):
   posconstr.check_projection_last(tx.init(_P))
 
@@ -339,6 +347,20 @@ def test_projection_not_last_leaves_params_infeasible():
   p = {"w": jnp.array([0.1, 2.0])}
   u, _ = tx.update({"w": jnp.ones(2)}, tx.init(p), p)
   np.testing.assert_allclose(optax.apply_updates(p, u)["w"], [-0.4, 1.5])
+
+
+def test_projection_then_chain_ending_in_another_projection_is_infeasible():
+  # What the check catches: sgd after project(w) moves w off the set, and
+  # the nested chain's own projection covers only b.
+  tx = optax.chain(_proj(mask="w"), optax.chain(optax.sgd(1.0),
+                                                _proj(mask="b")))
+  p = {"w": jnp.array([0.5]), "b": jnp.array([0.5])}
+  u, _ = tx.update({"w": jnp.ones(1), "b": jnp.ones(1)}, tx.init(p), p)
+  new = optax.apply_updates(p, u)
+  assert float(new["w"][0]) < 0 and float(new["b"][0]) == 0
+  with pytest.raises(ValueError, match=r"link 0 is followed by link 1 "
+                     r"\(tuple\)"):
+    posconstr.check_projection_last(tx.init(p))
 
 
 def test_keep_params_nonnegative_is_invisible_to_the_check():

@@ -255,9 +255,47 @@ def test_bounds_and_out_of_range_under_jit_give_finite_latents(g):
   for z in (z_ends, z_jit, z_out):
     assert np.isfinite(np.asarray(z)).all(), z
   assert float(g.constraint.violation(g.forward(z_out))) == 0
-  fin = ends < 1e30  # forward(3e38) overflows for beta > 1, but not inverse.
+  # Near 3e38 rounding the latent costs |z g'(z)| ulps (Exp's log); that
+  # forward stays finite there is tested below and in test_dtypes_*.
+  fin = ends < 1e30
   np.testing.assert_allclose(np.asarray(g.forward(z_ends))[fin], ends[fin], rtol=1e-6,
                              atol=1e-6 * (hi - lo if hi < np.inf else 1))
+
+
+@pytest.mark.parametrize("g", ALL, ids=repr)
+def test_inverse_of_infinity_raises_when_concrete_finite_under_jit(g):
+  lo, hi = bounds(g)
+  inside = lo + 0.5 if hi == np.inf else (lo + hi) / 2
+  with pytest.raises(ValueError, match=r"`value`.*inf.*index \(1,\) is not "
+                     "finite"):
+    g.inverse(np.float32([inside, np.inf]))
+  for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+    top = float(jnp.finfo(dtype).max)
+    z = jax.jit(g.inverse)(jnp.array([np.inf, top], dtype))
+    back = np.asarray(g.forward(z), np.float64)
+    assert z.dtype == dtype and np.isfinite(np.asarray(z, np.float32)).all()
+    assert np.isfinite(back).all(), (g, dtype, z, back)
+    assert back[0] == back[1]  # +inf is clamped to the dtype's max.
+    if hi == np.inf:  # Within the rounding of the latent (|log max| ulps).
+      assert back[0] >= top * (1 - 2 * 89 * float(jnp.finfo(dtype).eps))
+    else:
+      assert back[0] >= hi - 2 * float(jnp.finfo(dtype).eps) * (hi - lo)
+
+
+@pytest.mark.parametrize("g", [Softplus(eps=0.7), Exp(eps=0.7),
+                               Sigmoid(0.7, 1.3)], ids=repr)
+def test_forward_never_rounds_below_an_inexact_bound(g):
+  """0.7 is not a float32: 0.7f = 0.69999999 < 0.7, so eps + g(z) for a
+  small g(z) rounds below the bound; forward lands on the bound rounded up,
+  and the gradient is still g'(z), not the clamp's 0."""
+  z = jnp.array([-30.0, -20.0, 0.0], jnp.float32)
+  w = np.asarray(jax.jit(g.forward)(z), np.float64)
+  assert (w >= 0.7).all() and float(g.constraint.violation(w)) == 0
+  assert np.float64(np.float32(0.7)) < 0.7  # the premise
+  grad = jax.jit(jax.vmap(jax.grad(g.forward)))(z)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(g.derivative(z)),
+                             rtol=1e-6)
+  assert float(grad[0]) > 0
 
 
 def test_softplus_inverse_of_zero_is_finite_eager_jit_and_float64():
