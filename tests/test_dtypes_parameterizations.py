@@ -16,21 +16,10 @@ import numpy as np
 import pytest
 
 import posconstr as pc
+from _reference import DTYPES
+from _reference import assert_dtypes as _assert_dtypes
+from _reference import mixed_dtype_tree as _tree
 
-DTYPES = {"f16": jnp.float16, "bf16": jnp.bfloat16, "f32": jnp.float32,
-          "f64": jnp.float64}
-
-
-def _tree(scale, seed=0):
-  """{"f16": (4, 3) f16, "bf16": ..., "f32": ..., "f64": ...}; needs x64."""
-  rng = np.random.default_rng(seed)
-  return {name: jnp.asarray(scale * rng.normal(size=(4, 3)), dt)
-          for name, dt in DTYPES.items()}
-
-
-def _assert_dtypes(tree, what):
-  for name, dt in DTYPES.items():
-    assert tree[name].dtype == jnp.dtype(dt), (what, name, tree[name].dtype)
 
 PARAMETERIZATIONS = {
     "Softplus": pc.Softplus(),

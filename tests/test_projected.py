@@ -15,6 +15,7 @@ import scipy.optimize
 import sklearn.datasets
 
 import posconstr
+from _reference import bisection_simplex
 
 # ------------------------------------------------------ the stall at a bound
 
@@ -180,17 +181,6 @@ def test_nnls_matches_scipy(name, method):
 # ------------------------------------------------------ non-elementwise sets
 
 
-def _bisection_simplex(v, scale=1.0):
-  """Projection onto {x >= 0, sum x = scale} by bisection on the shift."""
-  v = np.asarray(v, np.float64)
-  lo, hi = v.min() - scale, v.max()
-  for _ in range(200):
-    mid = 0.5 * (lo + hi)
-    if np.maximum(v - mid, 0).sum() > scale:
-      lo = mid
-    else:
-      hi = mid
-  return np.maximum(v - 0.5 * (lo + hi), 0)
 
 
 def _stepper(tx):
@@ -270,7 +260,7 @@ def test_mixed_rules_mask_only_the_elementwise_leaf():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6,
                                  atol=1e-7)
     stepped = {k: np.asarray(p[k], np.float64) + np.asarray(v[k]) for k in p}
-    q = {"a": np.maximum(stepped["a"], 0), "b": _bisection_simplex(stepped["b"])}
+    q = {"a": np.maximum(stepped["a"], 0), "b": bisection_simplex(stepped["b"])}
     np.testing.assert_allclose(np.asarray(new["a"]), q["a"], atol=1e-6)
     np.testing.assert_allclose(np.asarray(new["b"]), q["b"], atol=1e-6)
     assert float(jnp.min(new["a"])) >= 0 and float(jnp.min(new["b"])) >= 0

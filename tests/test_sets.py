@@ -20,6 +20,7 @@ from posconstr import MinMaxNorm
 from posconstr import NonNegative
 from posconstr import Simplex
 from posconstr import UnitNorm
+from _reference import bisection_simplex
 
 F64 = np.float64
 
@@ -45,21 +46,9 @@ def _slices(x, axis):
   return rows, lambda r: np.transpose(r.reshape(moved.shape), np.argsort(perm))
 
 
-def ref_simplex_row(v, scale):
-  """Bisection on theta: sum(max(v - theta, 0)) = scale, in float64."""
-  lo, hi = v.min() - scale / v.size, v.max()
-  for _ in range(200):
-    mid = 0.5 * (lo + hi)
-    if np.maximum(v - mid, 0).sum() > scale:
-      lo = mid
-    else:
-      hi = mid
-  return np.maximum(v - 0.5 * (lo + hi), 0)
-
-
 def ref_simplex(x, scale, axis):
   rows, undo = _slices(_f64(x), axis)
-  return undo(np.stack([ref_simplex_row(r, scale) for r in rows]))
+  return undo(np.stack([bisection_simplex(r, scale) for r in rows]))
 
 
 def ref_radial(x, lo, hi, rate, axis):
