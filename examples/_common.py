@@ -208,7 +208,7 @@ class _PlainBar:
 
 def progress(iterable: Optional[Iterable] = None, *, total=None,
              desc: str = "", disable: bool = False):
-  """A tqdm bar over ``iterable`` (or of ``total`` updates), else a plain one."""
+  """A tqdm bar over ``iterable`` (or ``total`` updates), else a plain one."""
   if _tqdm is not None:
     return _tqdm(iterable, total=total, desc=desc, disable=disable,
                  leave=True, dynamic_ncols=True)
@@ -281,11 +281,12 @@ def parser(doc: str, figure: str, steps: int,
            steps_help: str = "optimizer steps per variant",
            lr: Optional[float] = None, lr_help: str = "learning rate",
            seed_help: str = "seed of the split, the init and the sampling",
-           ) -> argparse.ArgumentParser:
+           l2: Optional[float] = None) -> argparse.ArgumentParser:
   """The flags every example has: ``--steps --out --seed --no-progress``.
 
-  ``--lr`` too when ``lr`` is given. ``doc`` is the example's docstring (its
-  first line describes the script), ``figure`` the name of its figure.
+  ``--lr`` too when ``lr`` is given, ``--l2`` (a penalty) when ``l2`` is.
+  ``doc`` is the example's docstring (its first line describes the script),
+  ``figure`` the name of its figure.
   """
   result = argparse.ArgumentParser(description=doc.splitlines()[0])
   result.add_argument("--steps", type=int, default=steps,
@@ -297,6 +298,10 @@ def parser(doc: str, figure: str, steps: int,
   if lr is not None:
     result.add_argument("--lr", type=float, default=lr,
                         help=f"{lr_help} (default %(default)s)")
+  if l2 is not None:
+    result.add_argument("--l2", type=float, default=l2,
+                        help="penalty on the squared applied kernels "
+                        "(default %(default)s)")
   result.add_argument("--no-progress", action="store_true",
                       help="hide the progress bars")
   return result

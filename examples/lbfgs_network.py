@@ -152,7 +152,9 @@ def run_method(method: Method, start, data: Dict[str, jax.Array], steps: int,
   model = _common.MLP(HIDDEN, kernels="softplus" if method.reparameterized
                       else "free")
   rules = RULES if method.reparameterized else None
-  params = posconstr.unreparam(start, RULES) if rules else start
+  params = start
+  if rules:  # Jitted: one compilation, not one per eager op and leaf.
+    params = jax.jit(lambda p: posconstr.unreparam(p, RULES))(start)
   fun = objective(model, l2, rules, data)
   if method.bounded:
     opt = posconstr.lbfgsb(lower=kernel_bounds(params))
@@ -223,10 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   ``kind``, ``seconds`` and the trained ``params``.
   """
   parser = _common.parser(__doc__, "lbfgs_network.png", DEFAULT_STEPS,
-                          "L-BFGS iterations per method")
-  parser.add_argument("--l2", type=float, default=L2,
-                      help="penalty on the squared applied kernels "
-                      "(default %(default)s)")
+                          "L-BFGS iterations per method", l2=L2)
   names = [m.name for m in METHODS]
   parser.add_argument("--methods", nargs="+", default=names, choices=names,
                       help="methods to run (default: all)")
@@ -236,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   # One start for all: the softplus model's initial (positive) weights.
   latents = _common.init_params(_common.MLP(HIDDEN, kernels="softplus"),
                                 jax.random.key(args.seed), data["x_train"][:1])
-  start = posconstr.reparam(latents, RULES)
+  start = jax.jit(lambda p: posconstr.reparam(p, RULES))(latents)
   results = {m.name: run_method(m, start, data, args.steps, args.l2,
                                 not args.no_progress)
              for m in METHODS if m.name in args.methods}

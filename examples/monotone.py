@@ -1,24 +1,21 @@
 """Monotone networks on diabetes: non-decreasing in bmi and blood pressure.
 
-Disease progression one year on (scikit-learn's bundled diabetes data: 442
-patients, 10 baseline features) should not *decrease* when body-mass index
-(``bmi``) or blood pressure (``bp``) increase, all else equal. A network is
-monotone non-decreasing in chosen inputs when every path from them to the
-output has non-negative weights and non-decreasing activations. The model
-here splits its inputs:
+Disease progression (scikit-learn's diabetes data: 442 patients, 10
+features) should not *decrease* when body-mass index (``bmi``) or blood
+pressure (``bp``) increase, all else equal. A network is non-decreasing in
+inputs whose every path to the output has non-negative weights and
+non-decreasing activations. The model splits its inputs:
 
   g   = relu(Dense(x_free))                        free inputs, any weights
   h_1 = act(Mono_0 x_mono + Dense(g))              Mono_0 >= 0
   h_2 = act(Mono_1 h_1)                            Mono_1 >= 0
   y   = Mono_out h_2                               Mono_out >= 0
 
-``act`` applies ``relu`` to half of the units and its point reflection
-``-relu(-h)`` to the other half: both are non-decreasing, and with the two a
-network of non-negative weights is not forced to be convex (Runje &
-Shankaranarayana, "Constrained Monotonic Neural Networks", ICML 2023). Three
-variants of the same architecture, trained by full-batch Adam on the mean
-squared error plus ``--l2`` times the squared applied kernels, from the same
-initialization of the free layers:
+``act`` is ``relu`` on half of the units and ``-relu(-h)`` on the other
+half: both non-decreasing, so that a network of non-negative weights is not
+forced to be convex (Runje & Shankaranarayana, ICML 2023). Three variants,
+trained by full-batch Adam on the MSE plus ``--l2`` times the squared applied
+kernels, from the same initialization of the free layers:
 
   * ``mlp``:               unconstrained (the reference);
   * ``monotone-softplus``: ``Mono_*`` are ``posconstr.linen.NonNegDense``
@@ -28,18 +25,15 @@ initialization of the free layers:
 
 Monotonicity is checked with ``jax.grad`` of the prediction with respect to
 the monotone inputs, at every test point and along individual conditional
-expectation (ICE) curves: each test patient with one monotone feature swept
-over its range, everything else fixed. The table reports the share of
-negative derivatives; the figure shows the ICE curves and their mean, the
-partial dependence.
+expectation (ICE) curves (each test patient with one monotone feature swept
+over its range); the figure shows those curves and their mean, the partial
+dependence.
 
-The data are noisy (ordinary least squares, printed below the table as a
-reference, reaches a test R^2 of 0.36 on the default split) and the training
-set is small (331 patients), so the networks overfit when trained long.
-Monotonicity is largely in the data: with a stronger penalty (``--l2 3e-2``)
-the unconstrained network also comes out monotone here. The constrained
-networks are monotone by construction, whatever the penalty, the number of
-steps or the seed.
+The data are noisy (ordinary least squares, printed as a reference, reaches a
+test R^2 of 0.36) and the training set small (331 patients): the networks
+overfit when trained long. Monotonicity is largely in the data (with
+``--l2 3e-2`` the free network also comes out monotone here); the constrained
+networks are monotone by construction, whatever the penalty, steps or seed.
 
 Run it with::
 
@@ -83,12 +77,9 @@ GRID_POINTS = 41  # Points of each ICE curve.
 # ----------------------------------------------------------------- data ----
 
 def load_data(seed: int, monotone: Sequence[str]) -> Dict[str, Any]:
-  """Diabetes in raw units, standardized on a fixed 75/25 split.
-
-  Inputs and the target are standardized with training statistics (the
-  scaling is positive, so derivative signs are those in raw units). The
-  monotone features come first in ``x_*``.
-  """
+  """Diabetes, monotone features first, on a fixed 75/25 split: raw, and
+  standardized with training statistics (a positive scaling: derivative signs
+  are those in raw units)."""
   bunch = datasets.load_diabetes(scaled=False)
   names = list(bunch.feature_names)
   unknown = [m for m in monotone if m not in names]
@@ -108,8 +99,7 @@ def load_data(seed: int, monotone: Sequence[str]) -> Dict[str, Any]:
       "x_test": jnp.asarray(scaler.transform(x_test), jnp.float32),
       "y_test": jnp.asarray((y_test - y_mean) / y_std, jnp.float32),
       "raw_x_train": x_train, "raw_y_train": y_train, "raw_x_test": x_test,
-      "raw_y_test": y_test,
-      "scaler": scaler, "y_mean": y_mean, "y_std": y_std,
+      "raw_y_test": y_test, "scaler": scaler, "y_mean": y_mean, "y_std": y_std,
       "names": [names[i] for i in order], "num_monotone": len(monotone),
   }
 
@@ -157,20 +147,18 @@ class SplitMLP(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """One way of training: what the script compares, row by row.
+  """One way of training: a row of the table.
 
   Attributes:
-    name: the row's label in the table and the figure.
+    name: the row's label.
     mono: the :class:`SplitMLP` ``mono`` option.
     optimizer: an Optax transformation.
-    constrained: whether the model must be monotone (checked by the table).
     project_init: whether to project the initial ``Mono_*`` kernels.
     applied_params: maps ``params`` to the applied ones (for latents).
   """
   name: str
   mono: str
   optimizer: optax.GradientTransformation
-  constrained: bool
   project_init: bool = False
   applied_params: Callable[[Any], Any] = _common.identity
 
@@ -179,14 +167,13 @@ def make_variants(learning_rate: float = LEARNING_RATE) -> List[Variant]:
   """The compared variants (same data, same seed, same steps)."""
   rules = {MONO_PATTERN: posconstr.NonNegative()}
   return [
-      Variant("mlp", "free", optax.adam(learning_rate), constrained=False),
+      Variant("mlp", "free", optax.adam(learning_rate)),
       Variant("monotone-softplus", "softplus", optax.adam(learning_rate),
-              constrained=True,
               applied_params=lambda p: posconstr.reparam(
                   p, {MONO_PATTERN: posconstr.Softplus()})),
       Variant("monotone-proj", "free",
               posconstr.projected(optax.adam(learning_rate), rules),
-              constrained=True, project_init=True),
+              project_init=True),
   ]
 
 
@@ -200,15 +187,12 @@ def make_train_step(model: nn.Module, variant: Variant, data: Dict[str, Any],
                     l2: float):
   """A jitted full-batch step: ``(params, opt_state), (mse, test mse)``.
 
-  The loss is the training MSE plus ``l2`` times the sum of squares of the
-  *applied* kernels (the same penalty on the same weights for every variant).
+  The loss: the training MSE plus ``l2`` times the squared *applied* kernels
+  (the same penalty on the same weights for every variant).
   """
-  x_train, y_train = data["x_train"], data["y_train"]
-  x_test, y_test = data["x_test"], data["y_test"]
-  tx = variant.optimizer
 
   def loss_fn(params):
-    mse = _mse(model, params, x_train, y_train)
+    mse = _mse(model, params, data["x_train"], data["y_train"])
     kernels = _common.leaves_matching(variant.applied_params(params),
                                       "*/kernel").values()
     return mse + l2 * sum(jnp.sum(k ** 2) for k in kernels), mse
@@ -216,103 +200,86 @@ def make_train_step(model: nn.Module, variant: Variant, data: Dict[str, Any],
   @jax.jit
   def step(params, opt_state):
     (_, mse), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    test_mse = _mse(model, params, x_test, y_test)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), (mse, test_mse)
+    updates, opt_state = variant.optimizer.update(grads, opt_state, params)
+    return ((optax.apply_updates(params, updates), opt_state),
+            (mse, _mse(model, params, data["x_test"], data["y_test"])))
 
   return step
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def init_params(model: nn.Module, key: jax.Array, x: jax.Array):
-  """``model``'s initial params (compiled once per distinct model)."""
-  return model.init(key, x)["params"]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def predict_with_grads(model: nn.Module, params, x: jax.Array,
                        num_monotone: int):
-  """Predictions at the rows of ``x``, and ``d prediction / d x_mono``.
+  """``(predictions (rows,), d prediction / d x_mono (rows, num_monotone))``.
 
-  One compiled function per model serves the test points and the ICE grids:
-  ``(values (rows,), grads (rows, num_monotone))``.
+  One compiled function per model serves the test points and the ICE grids.
   """
   f = lambda row: model.apply({"params": params}, row[None])[0]
   values, grads = jax.vmap(jax.value_and_grad(f))(x)
   return values, grads[:, :num_monotone]
 
 
-def ice_inputs(data: Dict[str, Any], feature: int,
-               num_points: int = GRID_POINTS):
-  """Test inputs with ``feature`` swept over its training range.
+def ice_inputs(data: Dict[str, Any], num_points: int = GRID_POINTS):
+  """Test inputs with each monotone feature ``j`` swept over its range.
 
-  Returns ``(grid in raw units, inputs of shape (test, grid, features))``.
+  Returns ``(grids in raw units (m, points), inputs (m, test, points,
+  features))``: block ``j`` sweeps feature ``j``, the rest as in the test set.
   """
-  raw = data["raw_x_train"][:, feature]
-  grid = np.linspace(raw.min(), raw.max(), num_points)
-  scaler = data["scaler"]
-  grid_std = (grid - scaler.mean_[feature]) / scaler.scale_[feature]
-  x = np.repeat(np.asarray(data["x_test"])[:, None], num_points, axis=1)
-  x[:, :, feature] = grid_std[None]
-  return grid, jnp.asarray(x, jnp.float32)
+  m, scaler, x_test = data["num_monotone"], data["scaler"], data["x_test"]
+  raw = data["raw_x_train"][:, :m]
+  grids = np.linspace(raw.min(0), raw.max(0), num_points, axis=1)
+  x = np.tile(np.asarray(x_test)[None, :, None], (m, 1, num_points, 1))
+  for j in range(m):
+    x[j, :, :, j] = (grids[j] - scaler.mean_[j]) / scaler.scale_[j]
+  return grids, jnp.asarray(x, jnp.float32)
 
 
 def train_variant(variant: Variant, data: Dict[str, Any], steps: int,
                   key: jax.Array, l2: float = L2, hidden: int = HIDDEN,
                   progress: bool = True) -> Dict[str, Any]:
   """Trains one variant from ``key``; returns its metrics and curves."""
-  m = data["num_monotone"]
+  m, n_test = data["num_monotone"], data["x_test"].shape[0]
   model = SplitMLP(num_monotone=m, mono=variant.mono, hidden=hidden)
-  params = init_params(model, key, data["x_train"][:1])
+  params = _common.init_params(model, key, data["x_train"][:1])
   if variant.project_init:
     params = posconstr.project_params(params, posconstr.NonNegative(),
                                       mask=MONO_PATTERN)
-  opt_state = variant.optimizer.init(params)
   step = make_train_step(model, variant, data, l2)
-
   (params, _), history, seconds = _common.run_steps(
-      lambda carry, i: step(*carry), (params, opt_state), steps,
-      desc=f"{variant.name:>17}", show=progress, every=200, label="mse")
-  train_losses, test_losses = history[:, 0], history[:, 1]
+      lambda carry, i: step(*carry), (params, variant.optimizer.init(params)),
+      steps, desc=f"{variant.name:>17}", show=progress, every=200,
+      label="mse")
 
-  # Test points first, then the ICE grid of each monotone feature.
-  n_test = data["x_test"].shape[0]
-  grids, blocks = zip(*(ice_inputs(data, j) for j in range(m)))
-  rows = jnp.concatenate([data["x_test"]] + [
-      b.reshape(-1, b.shape[-1]) for b in blocks])
+  # One call: the test points, then the ICE grids of every monotone feature.
+  grids, blocks = ice_inputs(data)
+  rows = jnp.concatenate([data["x_test"], blocks.reshape(-1, blocks.shape[-1])])
   values, grads = (np.asarray(v, np.float64) for v in predict_with_grads(
       model, params, rows, m))
   pred_test, grads_test = values[:n_test], grads[:n_test]
+  curves = (values[n_test:].reshape(blocks.shape[:3]) * data["y_std"]
+            + data["y_mean"])
+  # Along each sweep, the derivative with respect to the swept feature.
+  ice_grads = np.diagonal(grads[n_test:].reshape(*blocks.shape[:3], m),
+                          axis1=0, axis2=3)
   y_test = np.asarray(data["y_test"], np.float64)
-  r2 = 1 - np.sum((pred_test - y_test) ** 2) / np.sum(
-      (y_test - y_test.mean()) ** 2)
-  ice, ice_grads, offset = {}, [], n_test
-  for j, (grid, block) in enumerate(zip(grids, blocks)):
-    size = block.shape[0] * block.shape[1]
-    curves = values[offset:offset + size].reshape(block.shape[:2])
-    ice[data["names"][j]] = (grid, curves * data["y_std"] + data["y_mean"])
-    ice_grads.append(grads[offset:offset + size, j])  # Along the sweep.
-    offset += size
-  ice_grads = np.concatenate(ice_grads)
+  mse = np.mean((pred_test - y_test) ** 2)
   # Jitted: one compilation instead of one per eager op and kernel shape.
   kernels = _common.flat_matching(jax.jit(variant.applied_params)(params),
                                   MONO_PATTERN)
   return {
-      "constrained": variant.constrained,
-      "test_rmse": float(np.sqrt(np.mean((pred_test - y_test) ** 2))
-                         * data["y_std"]),
-      "test_r2": float(r2),
-      "final_train_mse": float(train_losses[-1]),
+      # Monotone by construction: Mono_* kept >= 0 one way or the other.
+      "constrained": variant.mono == "softplus" or variant.project_init,
+      "test_rmse": float(np.sqrt(mse) * data["y_std"]),
+      "test_r2": float(1 - mse / np.var(y_test)),
+      "final_train_mse": float(history[-1, 0]),
       "min_grad": grads_test.min(axis=0),  # Per monotone feature.
       "neg_grad_frac_test": float(np.mean(grads_test < 0)),
       "neg_grad_frac_ice": float(np.mean(ice_grads < 0)),
       "min_mono_kernel": float(kernels.min()),
       "grads_test": grads_test,
-      "ice": ice,
-      "train_losses": train_losses,
-      "test_losses": test_losses,
-      "train_seconds": seconds,
-      "params": params,
+      "ice": {data["names"][j]: (grids[j], curves[j]) for j in range(m)},
+      "train_losses": history[:, 0], "test_losses": history[:, 1],
+      "train_seconds": seconds, "params": params,
   }
 
 
@@ -321,15 +288,13 @@ def train_variant(variant: Variant, data: Dict[str, Any], steps: int,
 def summary_table(results: Dict[str, Dict[str, Any]],
                   names: Sequence[str]) -> str:
   """A markdown table, one row per variant."""
-  rows = []
-  for name, r in results.items():
-    monotone = r["neg_grad_frac_test"] == 0 and r["neg_grad_frac_ice"] == 0
-    rows.append([name, f"{r['test_rmse']:.2f}", f"{r['test_r2']:.3f}",
-                 *(f"{g:.3g}" for g in r["min_grad"]),
-                 _common.percent(r["neg_grad_frac_test"]),
-                 _common.percent(r["neg_grad_frac_ice"]),
-                 f"{r['min_mono_kernel']:.3g}", "yes" if monotone else "no",
-                 f"{r['train_seconds']:.1f}"])
+  rows = [[name, f"{r['test_rmse']:.2f}", f"{r['test_r2']:.3f}",
+           *(f"{g:.3g}" for g in r["min_grad"]),
+           _common.percent(r["neg_grad_frac_test"]),
+           _common.percent(r["neg_grad_frac_ice"]),
+           f"{r['min_mono_kernel']:.3g}",
+           "no" if r["neg_grad_frac_test"] or r["neg_grad_frac_ice"] else "yes",
+           f"{r['train_seconds']:.1f}"] for name, r in results.items()]
   return _common.markdown_table(
       ["variant", "test RMSE", "test R^2",
        *(f"min d/d{n} (test)" for n in names),
@@ -345,64 +310,54 @@ def save_figure(results: Dict[str, Dict[str, Any]], data: Dict[str, Any],
   Last column: MSE curves (top) and the derivative distribution (bottom).
   """
   names = data["names"][:data["num_monotone"]]
-  n = len(results)
-  rows = max(len(names), 2)
+  n, rows = len(results), max(len(names), 2)
   fig, axes = plt.subplots(rows, n + 1, figsize=(4.2 * (n + 1), 3.5 * rows),
                            constrained_layout=True, squeeze=False)
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   shown = np.random.default_rng(0).permutation(
       len(data["raw_x_test"]))[:num_ice]
+  y_raw = data["raw_y_train"]
   for i, feature in enumerate(names):
     lo = min(r["ice"][feature][1].min() for r in results.values())
     hi = max(r["ice"][feature][1].max() for r in results.values())
     for j, (name, r) in enumerate(results.items()):
-      ax = axes[i, j]
-      grid, values = r["ice"][feature]
-      ax.scatter(data["raw_x_train"][:, i], data["raw_y_train"], s=4,
-                 color="0.75", label="training data")
+      ax, (grid, values) = axes[i, j], r["ice"][feature]
+      ax.scatter(data["raw_x_train"][:, i], y_raw, s=4, color="0.75",
+                 label="training data")
       ax.plot(grid, values[shown].T, color=colors[j], lw=0.7, alpha=0.5)
       ax.plot(grid, values.mean(0), color="k", lw=2.5,
               label="partial dependence")
-      ax.set_ylim(min(lo, data["raw_y_train"].min()) - 10,
-                  max(hi, data["raw_y_train"].max()) + 10)
-      ax.set_xlabel(feature)
-      ax.set_ylabel("predicted progression")
       share = 100 * np.mean(np.diff(values, axis=1) < 0)
+      ax.set(xlabel=feature, ylabel="predicted progression",
+             ylim=(min(lo, y_raw.min()) - 10, max(hi, y_raw.max()) + 10))
       ax.set_title(f"{name}: {share:.0f}% of ICE steps decrease", fontsize=10)
       ax.grid(alpha=0.3)
-      if i == 0 and j == 0:
-        ax.legend(fontsize=8, loc="upper left")
-  for i in range(len(names), rows):
-    for j in range(n):
-      axes[i, j].axis("off")
+  axes[0, 0].legend(fontsize=8, loc="upper left")
+  for ax in axes[len(names):, :n].ravel():
+    ax.axis("off")
 
-  ax = axes[0, n]
-  for j, (name, r) in enumerate(results.items()):
-    steps = np.arange(1, len(r["train_losses"]) + 1)
-    ax.plot(steps, r["train_losses"], color=colors[j], lw=1.2,
-            label=f"{name} train")
-    ax.plot(steps, r["test_losses"], color=colors[j], lw=1.2, ls="--",
-            label=f"{name} test")
-  ax.set_yscale("log")
-  ax.set_xlabel("Adam step")
-  ax.set_ylabel("MSE (standardized target)")
-  ax.set_title("Training (solid) and test (dashed) MSE", fontsize=10)
-  ax.legend(fontsize=7)
-  ax.grid(alpha=0.3, which="both")
-
-  ax = axes[1, n]
+  ax_mse, ax_grad = axes[0, n], axes[1, n]
   all_grads = np.concatenate([np.ravel(r["grads_test"])
                               for r in results.values()])
   bins = np.linspace(all_grads.min(), all_grads.max() + 1e-6, 50)
   for j, (name, r) in enumerate(results.items()):
-    ax.hist(np.ravel(r["grads_test"]), bins=bins, color=colors[j], alpha=0.5,
-            label=name)
-  ax.axvline(0.0, color="tab:red", lw=1, ls="--")
-  ax.set_xlabel(f"d prediction / d ({', '.join(names)}), test points")
-  ax.set_ylabel("count")
-  ax.set_title("Derivatives wrt the monotone inputs", fontsize=10)
-  ax.legend(fontsize=8)
-  ax.grid(alpha=0.3)
+    steps = np.arange(1, len(r["train_losses"]) + 1)
+    ax_mse.plot(steps, r["train_losses"], color=colors[j], lw=1.2,
+                label=f"{name} train")
+    ax_mse.plot(steps, r["test_losses"], color=colors[j], lw=1.2, ls="--",
+                label=f"{name} test")
+    ax_grad.hist(np.ravel(r["grads_test"]), bins=bins, color=colors[j],
+                 alpha=0.5, label=name)
+  ax_mse.set(yscale="log", xlabel="Adam step",
+             ylabel="MSE (standardized target)")
+  ax_mse.set_title("Training (solid) and test (dashed) MSE", fontsize=10)
+  ax_grad.axvline(0.0, color="tab:red", lw=1, ls="--")
+  ax_grad.set(xlabel=f"d prediction / d ({', '.join(names)}), test points",
+              ylabel="count")
+  ax_grad.set_title("Derivatives wrt the monotone inputs", fontsize=10)
+  for ax, size in ((ax_mse, 7), (ax_grad, 8)):
+    ax.legend(fontsize=size)
+    ax.grid(alpha=0.3, which="both")
   return _common.save_figure(fig, out_dir, "monotone.png", dpi=65)
 
 
@@ -410,14 +365,11 @@ def save_figure(results: Dict[str, Dict[str, Any]], data: Dict[str, Any],
 
 def parse_args(argv: Optional[Sequence[str]] = None):
   parser = _common.parser(__doc__, "monotone.png", DEFAULT_STEPS,
-                          "Adam steps per variant", lr=LEARNING_RATE)
+                          "Adam steps per variant", lr=LEARNING_RATE, l2=L2)
   parser.add_argument("--monotone", nargs="+", default=list(MONOTONE),
                       help="monotone features (default %(default)s)")
   parser.add_argument("--hidden", type=int, default=HIDDEN,
                       help="units per hidden layer (default %(default)s)")
-  parser.add_argument("--l2", type=float, default=L2,
-                      help="penalty on the squared applied kernels "
-                      "(default %(default)s)")
   args = _common.parse(parser, argv)
   if args.hidden < 2:
     parser.error("--hidden must be >= 2")
@@ -430,32 +382,28 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   """Runs the comparison; returns ``{"variants": {name: metrics}, "figure"}``.
 
   Each variant's metrics: ``constrained``, ``test_rmse`` (raw units),
-  ``test_r2``, ``final_train_mse`` (standardized), ``min_grad`` (smallest
-  derivative per monotone feature over the test set), ``neg_grad_frac_test``
-  and ``neg_grad_frac_ice`` (share of negative derivatives at the test
-  points and on the ICE grids), ``min_mono_kernel`` (smallest applied weight
-  on the monotone paths), ``grads_test``, ``ice`` (``{feature: (grid,
-  curves)}``), ``train_losses``, ``test_losses``, ``train_seconds`` and the
-  trained ``params``.
+  ``test_r2``, ``final_train_mse``, ``min_grad`` (per monotone feature, test
+  set), ``neg_grad_frac_test`` and ``neg_grad_frac_ice`` (shares of negative
+  derivatives), ``min_mono_kernel`` (smallest applied ``Mono_*`` weight),
+  ``grads_test``, ``ice`` (``{feature: (grid, curves)}``), ``train_losses``,
+  ``test_losses``, ``train_seconds`` and the trained ``params``.
   """
   args = parse_args(argv)
   data = load_data(args.seed, args.monotone)
-  key = jax.random.key(args.seed)
-  results = {}
-  for variant in make_variants(args.lr):
-    # Same key for every variant: the free layers start identical.
-    results[variant.name] = train_variant(variant, data, args.steps, key,
-                                          l2=args.l2, hidden=args.hidden,
-                                          progress=not args.no_progress)
+  key = jax.random.key(args.seed)  # The same for all: same free layers.
+  results = {v.name: train_variant(v, data, args.steps, key, l2=args.l2,
+                                   hidden=args.hidden,
+                                   progress=not args.no_progress)
+             for v in make_variants(args.lr)}
   ols = linear_model.LinearRegression().fit(data["raw_x_train"],
                                             data["raw_y_train"])
-  ols_rmse = float(np.sqrt(np.mean(
-      (ols.predict(data["raw_x_test"]) - data["raw_y_test"]) ** 2)))
+  x_test, y_test = data["raw_x_test"], data["raw_y_test"]
   figure = save_figure(results, data, args.out)
   _common.report(
       summary_table(results, args.monotone), figure,
-      f"Reference, ordinary least squares: test RMSE {ols_rmse:.2f}, "
-      f"R^2 {ols.score(data['raw_x_test'], data['raw_y_test']):.3f}; "
+      "Reference, ordinary least squares: test RMSE "
+      f"{np.sqrt(np.mean((ols.predict(x_test) - y_test) ** 2)):.2f}, "
+      f"R^2 {ols.score(x_test, y_test):.3f}; "
       "coefficients " + ", ".join(
           f"{n} {c:+.3g}" for n, c in zip(data["names"], ols.coef_)
           if n in args.monotone) + ".")

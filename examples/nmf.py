@@ -14,27 +14,24 @@ recomputed here with the same randomized SVD and seed):
     L-BFGS, one ``lax.while_loop`` per solve, warm-started) on the Gram form
     ``0.5 tr(W G W^T) - tr(W B^T)``, ``G = H H^T``, ``B = X H^T``. Inexact
     solves and many sweeps beat exact solves and few sweeps here;
-  * ``sklearn-cd`` and ``sklearn-mu``: ``sklearn.decomposition.NMF`` with
-    ``solver="cd"`` (coordinate descent) and ``solver="mu"`` (multiplicative
-    updates), ``beta_loss="frobenius"``, no regularization, ``tol=0`` (all
-    iterations run), warm-started at 1, 2, 5, 10, ... iterations to record
-    the curve (the same factors as one fit with ``max_iter=--iters``).
+  * ``sklearn-cd`` and ``sklearn-mu``: ``sklearn.decomposition.NMF``,
+    ``solver="cd"`` (coordinate descent) and ``"mu"`` (multiplicative
+    updates), Frobenius loss, no regularization, stopped as users get it: by
+    its default ``tol`` (``--tol``; 0 runs all ``--iters``).
 
 The JAX methods run in float64 by default (``--dtype float32`` to compare),
-inside ``jax.enable_x64``, so nothing leaks into other code. Compilation is
-timed apart from the solve. Every method is scored in numpy float64 on its
-factors: the objective and the KKT residual of the non-negativity
-constraints, ``max |min(W, grad_W)|`` and ``max |min(H, grad_H)|`` with
+inside ``jax.enable_x64``; compilation is timed apart from the solve. Every
+method is scored in numpy float64 on its factors: the objective and the KKT
+residuals ``max |min(W, grad_W)|`` and ``max |min(H, grad_H)|``, with
 ``grad_W = (W H - X) H^T`` and ``grad_H = W^T (W H - X)``: zero exactly at a
-stationary point. It certifies stationarity, not quality (``W = H = 0`` is a
-KKT point), and it depends on how the scale is split between ``W`` and ``H``,
-so read it together with the objective.
+stationary point. They certify stationarity, not quality (``W = H = 0`` is a
+KKT point), and depend on how the scale is split between ``W`` and ``H``.
 
 It prints a markdown table and saves a figure: objective against time and
 iteration, and the learned parts (rows of ``H``) of each method. Run it with::
 
   python examples/nmf.py                      # out/nmf.png
-  python examples/nmf.py --steps 2000 --sweeps 50 --iters 500 --out /tmp/nmf
+  python examples/nmf.py --sweeps 50 --tol 0 --iters 500 --out /tmp/nmf
 """
 
 from __future__ import annotations
@@ -63,9 +60,10 @@ import posconstr  # noqa: E402
 RANK = 16
 DEFAULT_STEPS = 5000  # projected Adam steps.
 LEARNING_RATE = 0.3  # Adam's peak step, in the units of W and H.
-SWEEPS = 150  # ANLS sweeps.
-INNER_ITERS = 10  # L-BFGS-B iterations per W or H solve: inexact ANLS.
-SKLEARN_ITERS = 2000  # cd has converged (KKT ~1e-10) by then.
+SWEEPS = 120  # ANLS sweeps.
+INNER_ITERS = 5  # L-BFGS-B iterations per W or H solve: inexact ANLS.
+SKLEARN_ITERS = 2000  # The cap; its default tol stops cd after a few hundred.
+SKLEARN_TOL = 1e-4  # NMF's default.
 ADAM_CHUNK = 250  # Most steps per jitted call (one point of the curve each).
 
 
@@ -129,17 +127,12 @@ class History:
     self.iterations, self.seconds = [0], [0.0]
     self.objectives = [objective(x, w0, h0)]
 
-  def record(self, iterations: int, seconds: float, w, h) -> float:
-    """Adds a point: totals since the start. Returns its objective."""
-    self.iterations.append(iterations)
-    self.seconds.append(seconds)
-    self.objectives.append(objective(self.x, w, h))
-    return self.objectives[-1]
-
   def add(self, iterations: int, seconds: float, w, h) -> float:
     """Adds a point ``iterations`` and ``seconds`` after the last one."""
-    return self.record(self.iterations[-1] + iterations,
-                       self.seconds[-1] + seconds, w, h)
+    self.iterations.append(self.iterations[-1] + iterations)
+    self.seconds.append(self.seconds[-1] + seconds)
+    self.objectives.append(objective(self.x, w, h))
+    return self.objectives[-1]
 
 
 def _result(x, w, h, history: History, compile_seconds: float = 0.0,
@@ -147,18 +140,14 @@ def _result(x, w, h, history: History, compile_seconds: float = 0.0,
   w, h = np.asarray(w, np.float64), np.asarray(h, np.float64)
   kkt_w, kkt_h = kkt(x, w, h)
   return {
-      "W": w, "H": h,
-      "objective": objective(x, w, h),
+      "W": w, "H": h, "objective": objective(x, w, h),
       "relative_error": float(np.linalg.norm(x - w @ h) / np.linalg.norm(x)),
-      "kkt_W": kkt_w, "kkt_H": kkt_h,
-      "min_entry": float(min(w.min(), h.min())),
+      "kkt_W": kkt_w, "kkt_H": kkt_h, "min_entry": float(min(w.min(), h.min())),
       "zeros_W": float(np.mean(w == 0)), "zeros_H": float(np.mean(h == 0)),
-      "iterations": history.iterations[-1],
-      "seconds": history.seconds[-1],
+      "iterations": history.iterations[-1], "seconds": history.seconds[-1],
       "compile_seconds": compile_seconds,
-      "history": {"iterations": np.asarray(history.iterations),
-                  "seconds": np.asarray(history.seconds),
-                  "objectives": np.asarray(history.objectives)},
+      "history": {name: np.asarray(getattr(history, name))
+                  for name in ("iterations", "seconds", "objectives")},
       **extra,
   }
 
@@ -249,50 +238,47 @@ def run_anls(x: np.ndarray, w0, h0, sweeps: int, inner: int, dtype: str,
                    inner_iterations=inner_total)
 
 
-def run_sklearn(x: np.ndarray, w0, h0, solver: str, iters: int, seed: int,
-                progress: bool = True) -> Dict[str, Any]:
+def run_sklearn(x: np.ndarray, w0, h0, solver: str, iters: int, tol: float,
+                seed: int, progress: bool = True) -> Dict[str, Any]:
   """``NMF(init="nndsvda", solver=solver)``, timed up to 1, 2, 5, 10, ... its.
 
-  The first fit runs 1 iteration from ``init="nndsvda"``; each next one
-  continues from the last factors (``init="custom"``) up to the next point
-  of 1, 2, 5, 10, 20, ... and finally ``iters``. Neither solver keeps state
-  between iterations, so the factors are those of one fit with
-  ``max_iter=iters``, and the dozen calls add little overhead.
+  One fit with ``tol`` and ``max_iter=iters`` finds where scikit-learn's own
+  stop ends (``n_iter_``; all ``iters`` when ``tol`` is 0). The curve then
+  comes from fits with ``tol=0``: the first runs 1 iteration from
+  ``init="nndsvda"``, each next one continues from the last factors
+  (``init="custom"``) up to the next point of 1, 2, 5, 10, ... and finally
+  ``n_iter_``. Neither solver keeps state between iterations, so the factors
+  are those of the fit with ``tol``; the dozen calls add little overhead.
   """
-  ends = [n for n in _one_two_five(iters) if n < iters] + [iters]
+
+  def fit(max_iter: int, tol: float, w=None, h=None):
+    model = decomposition.NMF(
+        RANK, init="nndsvda" if w is None else "custom", solver=solver,
+        beta_loss="frobenius", tol=tol, max_iter=max_iter, random_state=seed)
+    # Copies: the solvers update W (and H) in place.
+    w = model.fit_transform(x, W=None if w is None else w.copy(),
+                            H=None if h is None else h.copy())
+    return w, model.components_, model.n_iter_
+
   history = History(x, w0, h0)
-  bar = _common.progress(total=iters, desc=f"{'sklearn-' + solver:>14}",
-                         disable=not progress)
   w = h = None
   with warnings.catch_warnings():
-    # tol=0: every fit ends at max_iter, "not converged" by design.
+    # A fit that ends at max_iter is "not converged" by design here.
     warnings.simplefilter("ignore", exceptions.ConvergenceWarning)
+    iters = fit(iters, tol)[2] if tol > 0 else iters
+    bar = _common.progress(total=iters, desc=f"{'sklearn-' + solver:>14}",
+                           disable=not progress)
+    ends = sorted({m * 10**k for k in range(6) for m in (1, 2, 5)
+                   if m * 10**k < iters} | {iters})  # 1, 2, 5, 10, ...
     for end in ends:
       n = end - history.iterations[-1]
-      model = decomposition.NMF(
-          RANK, init="nndsvda" if w is None else "custom", solver=solver,
-          beta_loss="frobenius", tol=0.0, max_iter=n, random_state=seed)
       start = time.perf_counter()
-      if w is None:
-        w = model.fit_transform(x)
-      else:  # Copies: the solvers update W (and H) in place.
-        w = model.fit_transform(x, W=w.copy(), H=h.copy())
-      h = model.components_
+      w, h, _ = fit(n, 0.0, w, h)
       value = history.add(n, time.perf_counter() - start, w, h)
       bar.update(n)
       bar.set_postfix(objective=f"{value:.4g}")
   bar.close()
   return _result(x, w, h, history)
-
-
-def _one_two_five(limit: int):
-  """1, 2, 5, 10, 20, 50, ... below ``limit``."""
-  n = 1
-  while n < limit:
-    for m in (1, 2, 5):
-      if m * n < limit:
-        yield m * n
-    n *= 10
 
 
 # --------------------------------------------------------------- reports ----
@@ -342,17 +328,19 @@ def save_figure(results: Dict[str, Dict[str, Any]], out_dir: str) -> str:
   ax_iter.set_title("... and against iterations")
   ax_time.legend(fontsize=8)
 
-  axes = bottom.subplots(len(names), RANK, squeeze=False)
-  for row, name in zip(axes, names):
+  # One mosaic (a row of 8x8 parts per method), not one axes per part: fast.
+  ax = bottom.subplots()
+  mosaic = np.full((9 * len(names) - 1, 9 * RANK - 1), 0.2)  # Gray gaps.
+  for i, name in enumerate(names):
     w, h = results[name]["W"], results[name]["H"]
     # Largest contribution first: ||W[:, j]|| ||H[j]||.
     order = np.argsort(-np.linalg.norm(w, axis=0) * np.linalg.norm(h, axis=1))
-    for ax, j in zip(row, order):
-      ax.imshow(h[j].reshape(8, 8), cmap="gray_r", vmin=0,
-                vmax=max(h[j].max(), 1e-12))
-      ax.set_xticks([])
-      ax.set_yticks([])
-    row[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    for k, j in enumerate(order):
+      mosaic[9 * i:9 * i + 8, 9 * k:9 * k + 8] = (
+          h[j].reshape(8, 8) / max(h[j].max(), 1e-12))
+  ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=1)
+  ax.set_xticks([])
+  ax.set_yticks(9 * np.arange(len(names)) + 3.5, names, fontsize=9)
   bottom.suptitle(f"Parts: the {RANK} rows of H, by contribution", fontsize=10)
   return _common.save_figure(fig, out_dir, "nmf.png", dpi=70)
 
@@ -364,15 +352,19 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                           "projected Adam steps", lr=LEARNING_RATE,
                           lr_help="projected Adam's peak step",
                           seed_help="seed of the NNDSVDa initialization")
-  for flag, default, meaning in (
-      ("sweeps", SWEEPS, "ANLS sweeps"),
-      ("inner", INNER_ITERS, "L-BFGS-B iterations per ANLS solve"),
-      ("iters", SKLEARN_ITERS, "scikit-learn iterations")):
-    parser.add_argument(f"--{flag}", type=int, default=default,
+  for flag, default, kind, meaning in (
+      ("sweeps", SWEEPS, int, "ANLS sweeps"),
+      ("inner", INNER_ITERS, int, "L-BFGS-B iterations per ANLS solve"),
+      ("iters", SKLEARN_ITERS, int, "most scikit-learn iterations"),
+      ("tol", SKLEARN_TOL, float, "scikit-learn's tol, 0: all --iters")):
+    parser.add_argument(f"--{flag}", type=kind, default=default,
                         help=f"{meaning} (default %(default)s)")
   parser.add_argument("--dtype", choices=("float64", "float32"),
                       default="float64", help="dtype of the JAX methods")
-  return _common.parse(parser, argv, ("steps", "sweeps", "inner", "iters"))
+  args = _common.parse(parser, argv, ("steps", "sweeps", "inner", "iters"))
+  if args.tol < 0:
+    parser.error("--tol must be >= 0")
+  return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -393,17 +385,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                            args.dtype, progress),
       "anls-minimize": run_anls(x, w0, h0, args.sweeps, args.inner,
                                 args.dtype, progress),
-      "sklearn-cd": run_sklearn(x, w0, h0, "cd", args.iters, args.seed,
-                                progress),
-      "sklearn-mu": run_sklearn(x, w0, h0, "mu", args.iters, args.seed,
-                                progress),
+      **{f"sklearn-{solver}": run_sklearn(x, w0, h0, solver, args.iters,
+                                          args.tol, args.seed, progress)
+         for solver in ("cd", "mu")},
   }
   figure = save_figure(results, args.out)
   _common.report(
       summary_table(results), figure,
       f"X: digits {x.shape}, rank {RANK}, objective at the NNDSVDa start "
       f"{objective(x, w0, h0):.4g}, 0.5||X||^2 = {0.5 * np.sum(x**2):.4g}; "
-      f"JAX methods in {args.dtype}.")
+      f"JAX methods in {args.dtype}; scikit-learn's tol {args.tol:g} (0: "
+      f"all --iters {args.iters}).")
   return {"methods": results, "figure": figure}
 
 
