@@ -5,16 +5,16 @@ The method is the two-metric projected quasi-Newton method (Bertsekas,
 constraints", SIAM J. Control Optim. 20(2), 1982; Gafni & Bertsekas 1984;
 Kim, Sra & Dhillon, "Tackling box-constrained optimization via a new
 projected quasi-Newton approach", SIAM J. Sci. Comput. 2010), with the
-L-BFGS two-loop recursion (Nocedal 1980) as the metric on the free
-variables:
+L-BFGS inverse Hessian (Nocedal 1980), applied in the compact form of
+Byrd, Nocedal & Schnabel (1994), as the metric on the free variables:
 
 * the epsilon-active set ``A``: coordinates within ``eps_k`` of a bound whose
   gradient points out of the box, with ``eps_k = min(eps, ||x - P(x -
   gamma g)||_inf)`` (``gamma`` the L-BFGS scaling ``s^T y / y^T y``, so the
   width is in units of ``x`` whatever the scale of ``f``);
 * direction ``d_F = -[H g_F]_F`` on the free set (``H`` the L-BFGS inverse
-  Hessian of the pairs restricted to the free set, by a two-loop recursion
-  that is a ``lax.scan``, so ``g^T d < 0``) and ``d_A = -gamma g_A``
+  Hessian of the pairs restricted to the free set, by small dense products
+  with no loop over the pairs, so ``g^T d < 0``) and ``d_A = -gamma g_A``
   (diagonal metric) on the active set;
 * a backtracking Armijo search along the projected path
   ``x(a) = P(x + a d)``: every trial point is inside the bounds, bit-exact,
@@ -140,75 +140,115 @@ def push_pair(memory: Memory, s, y) -> Memory:
                       memory)
 
 
-def reduced_curvature(memory: Memory, free):
-  """``s_j^T y_j`` and ``y_j^T y_j`` over the free coordinates, every slot.
+def pair_grams(memory: Memory, free):
+  """``S_F^T Y_F`` and ``Y_F^T Y_F`` (``m x m``) over the free coordinates.
 
-  One fused pass over the buffers (no masked copy of any pair).
+  One pass over the buffers per leaf, summed over leaves in the widest
+  dtype (``free`` None: all coordinates).
   """
-  def per_leaf(s, y, f):
-    axes = tuple(range(1, s.ndim))
-    return (jnp.sum(jnp.where(f, s * y, 0), axes),
-            jnp.sum(jnp.where(f, y * y, 0), axes))
-  parts = [per_leaf(s, y, f) for s, y, f in zip(
-      jax.tree.leaves(memory.s), jax.tree.leaves(memory.y),
-      jax.tree.leaves(free))]
+  m = memory.rho.shape[0]
+  frees = (jax.tree.leaves(free) if free is not None
+           else [None] * len(jax.tree.leaves(memory.s)))
+  parts = []
+  for s, y, f in zip(jax.tree.leaves(memory.s), jax.tree.leaves(memory.y),
+                     frees):
+    s, y = s.reshape(m, -1), y.reshape(m, -1)
+    if f is not None:
+      y = jnp.where(jnp.reshape(f, -1), y, jnp.zeros((), y.dtype))
+    parts.append((s @ y.T, y @ y.T))
   dtype = jnp.result_type(memory.rho, *[p[0] for p in parts])
-  sy = sum(p[0].astype(dtype) for p in parts)
-  yy = sum(p[1].astype(dtype) for p in parts)
-  return sy, yy
+  return (sum(p[0].astype(dtype) for p in parts),
+          sum(p[1].astype(dtype) for p in parts))
+
+
+def triangular_inverse(r):
+  """``R^{-1}`` for ``R`` triangular up to a permutation, without a solve.
+
+  With ``R = diag(r) (I + N)``, ``N`` strictly triangular (nilpotent,
+  ``N^m = 0``): ``(I + N)^{-1} = (I - N)(I + N^2)(I + N^4)...``, about
+  ``log2 m`` small products in a loop of fixed size (batched LAPACK solves
+  of tiny matrices are slow on CPU, and vmap turns them into loops).
+  """
+  m = r.shape[0]
+  diag = jnp.diagonal(r)
+  n = r / diag[:, None] - jnp.eye(m, dtype=r.dtype)
+  steps = max(1, (m - 1).bit_length())
+
+  def square(_, carry):
+    inv, power = carry
+    return inv + inv @ power, power @ power
+
+  eye = jnp.eye(m, dtype=r.dtype)
+  inv, _ = jax.lax.fori_loop(0, steps, square, (eye, -n))
+  return inv / diag[None, :]
 
 
 def apply_inverse_hessian(memory: Memory, q, free=None):
-  """``H q`` by the two-loop recursion (Nocedal & Wright, Alg. 7.4).
+  """``H q`` for the L-BFGS inverse Hessian, in compact form.
+
+  ``H = gamma I + [S  gamma Y] M [S  gamma Y]^T`` with ``M`` from the
+  ``m x m`` matrices ``R`` (``s_i^T y_j``, ``i`` not newer than ``j``),
+  ``D = diag(s_i^T y_i)`` and ``Y^T Y`` (Byrd, Nocedal & Schnabel, Math.
+  Program. 63, 1994; Nocedal & Wright eq. 7.24): equal to the two-loop
+  recursion, but a few small dense products and one ``m x m`` triangular
+  inverse, with no loop over the pairs. XLA:CPU runs loop bodies op by op,
+  so this takes fewer steps than two scans of ``m`` trips, and the program
+  does not grow with ``memory_size``.
 
   With ``free`` (a boolean tree; ``q`` must vanish off it), the pairs are
   restricted to the free coordinates and their curvature recomputed there:
-  the recursion then models the reduced Hessian ``B_FF`` rather than the
-  principal part of the full inverse, which is what a subspace Newton step
-  needs. Both loops are ``lax.scan`` over the slots (newest first, then
-  oldest first), so the compiled size does not grow with ``memory_size``.
+  the result models the reduced Hessian ``B_FF`` rather than the principal
+  part of the full inverse, which is what a subspace Newton step needs.
+  Pairs whose reduced curvature is too small are left out.
   """
   m = memory.rho.shape[0]
   age = (memory.head - 1 - jnp.arange(m)) % m  # 0 for the newest slot
   valid = age < memory.count
+  sy, yy = pair_grams(memory, free)
+  sy_d, yy_d = jnp.diagonal(sy), jnp.diagonal(yy)
   if free is None:
-    rho = jnp.where(valid, memory.rho, 0)
+    good = valid
     gamma = memory.gamma
-    mask = lambda buf: buf
   else:
-    sy, yy = reduced_curvature(memory, free)
-    good = valid & (sy > jnp.finfo(memory.rho.dtype).eps * yy) & (yy > 0)
-    rho = jnp.where(good, 1 / jnp.where(good, sy, 1), 0)
+    eps = jnp.finfo(memory.rho.dtype).eps
+    good = valid & (sy_d > eps * yy_d) & (yy_d > 0)
     # H0 from the newest pair with reduced curvature, else the given gamma.
     newest = jnp.argmin(jnp.where(good, age, m))
     gamma = jnp.where(jnp.any(good),
-                      sy[newest] / jnp.where(good, yy, 1)[newest],
+                      sy_d[newest] / jnp.where(good, yy_d, 1)[newest],
                       memory.gamma)
-    mask = lambda buf: jax.tree.map(
-        lambda b, f: jnp.where(f, b, jnp.zeros((), b.dtype)), buf, free)
-  # Slots newest first, gathered once: the scans then read their pairs in
-  # order (no per-step dynamic index, which vmap turns into gathers).
-  order = (memory.head - 1 - jnp.arange(m)) % m
-  pairs = jax.tree.map(lambda b: jnp.take(b, order, axis=0),
-                       (memory.s, memory.y))
-  rho = rho[order]
+  dtype = sy.dtype
+  gamma = gamma.astype(dtype)
+  both = good[:, None] & good[None, :]
+  # R is triangular in age order; left-out pairs get a unit row/column.
+  r = (jnp.where(both & (age[:, None] >= age[None, :]), sy, 0)
+       + jnp.diag(jnp.where(good, 0, 1).astype(dtype)))
+  s_q = jnp.zeros((m,), dtype)
+  y_q = jnp.zeros((m,), dtype)
+  for s, y, qi in zip(jax.tree.leaves(memory.s), jax.tree.leaves(memory.y),
+                      jax.tree.leaves(q)):
+    s_q += (s.reshape(m, -1) @ jnp.reshape(qi, -1)).astype(dtype)
+    y_q += (y.reshape(m, -1) @ jnp.reshape(qi, -1)).astype(dtype)
+  s_q, y_q = jnp.where(good, s_q, 0), jnp.where(good, y_q, 0)
+  r_inv = triangular_inverse(r)
+  u = r_inv @ s_q
+  w = r_inv.T @ (jnp.where(good, sy_d, 0) * u
+                 + gamma * (jnp.where(both, yy, 0) @ u - y_q))
+  frees = (jax.tree.leaves(free) if free is not None
+           else [None] * len(jax.tree.leaves(q)))
 
-  def newest_to_oldest(q, pair):
-    (s, y), rho_j = pair
-    a = rho_j * tree_vdot(s, q)
-    return tree_axpy(-a, mask(y), q), a
+  def per_leaf(s, y, qi, f):
+    shape = jnp.shape(qi)
+    corr = (w.astype(s.dtype) @ s.reshape(m, -1)
+            - (gamma * u).astype(y.dtype) @ y.reshape(m, -1)).reshape(shape)
+    if f is not None:
+      corr = jnp.where(f, corr, jnp.zeros((), corr.dtype))
+    return (gamma * qi).astype(qi.dtype) + corr.astype(qi.dtype)
 
-  q, alphas = jax.lax.scan(newest_to_oldest, q, (pairs, rho))
-  r = tree_scale(gamma, q)
-
-  def oldest_to_newest(r, pair):
-    (s, y), rho_j, a = pair
-    b = rho_j * tree_vdot(y, r)
-    return tree_axpy(a - b, mask(s), r), None
-
-  r, _ = jax.lax.scan(oldest_to_newest, r, (pairs, rho, alphas),
-                      reverse=True)
-  return r
+  leaves = [per_leaf(*args) for args in zip(
+      jax.tree.leaves(memory.s), jax.tree.leaves(memory.y),
+      jax.tree.leaves(q), frees)]
+  return jax.tree.unflatten(jax.tree.structure(q), leaves)
 
 
 def direction(memory: Memory, x, g, lower, upper, eps_active: float):
@@ -220,8 +260,10 @@ def direction(memory: Memory, x, g, lower, upper, eps_active: float):
   # (before any pair, gamma makes the step at most 1 long).
   gamma = jnp.where(first, 1 / jnp.maximum(tree_max_abs(g), tiny),
                     memory.gamma).astype(dtype)
-  eps = jnp.minimum(eps_active, projected_gradient_norm(
-      x, tree_scale(gamma, g), lower, upper))
+  width = projected_gradient_norm(x, tree_scale(gamma, g), lower, upper)
+  # NaN-safe minimum: an infinite gradient makes gamma 0 and the width NaN;
+  # the coordinate must still be held on its bound, as a projection would.
+  eps = jnp.where(width < eps_active, width, eps_active)
   active = active_outward(x, g, lower, upper, eps)
   free_g = jax.tree.map(lambda gi, a: jnp.where(a, 0, gi), g, active)
   gamma = jnp.where(first, 1 / jnp.maximum(tree_max_abs(free_g), tiny),
@@ -267,6 +309,12 @@ def projected_backtracking(value_and_grad, x, value, g, d, lower, upper, *,
   -0.8 <g, s>``), so the step did not overshoot. The gradient stays
   informative where f has no digits left. Backtracks by safeguarded
   quadratic interpolation within ``[0.1 a, 0.5 a]``.
+
+  ``16 eps |f|`` understates f's rounding where f is a small remainder of
+  large terms (a least-squares residual near a good fit). A trial whose
+  predicted change ``|<g, s>|`` is under the noise, yet moved f by more,
+  has measured that rounding: the noise is raised to it for the rest of
+  the search, so backtracking does not go on drawing lots on f's last bits.
   """
   # Scalars in one dtype: that of the value or the widest leaf.
   dtype = jnp.result_type(value, *jax.tree.leaves(x))
@@ -274,7 +322,7 @@ def projected_backtracking(value_and_grad, x, value, g, d, lower, upper, *,
   f0 = value.astype(dtype)
   noise = noise_level(value).astype(dtype)
 
-  def trial(step):
+  def trial(step, noise):
     xt = clip(tree_axpy(step, d, x), lower, upper)
     ft, gt = value_and_grad(xt)
     s = jax.tree.map(jnp.subtract, xt, x)
@@ -286,15 +334,21 @@ def projected_backtracking(value_and_grad, x, value, g, d, lower, upper, *,
     ok = jnp.isfinite(f) & (decrease < 0) & (armijo | floor)
     return xt, ft, gt, decrease, ok
 
+  def measured(noise, ft, dec):
+    # The change of f where the model predicts none is rounding.
+    change = jnp.abs(ft.astype(dtype) - f0)
+    return jnp.where((-dec <= noise) & jnp.isfinite(change),
+                     jnp.maximum(noise, change), noise)
+
   def cond(carry):
-    _, _, _, _, ok, n, (_, dec) = carry
+    _, _, _, _, ok, n, (_, dec, _) = carry
     # Stop when accepted, out of steps, or the path no longer descends
     # (the step became too small to move any coordinate).
     return (~ok) & (n < max_steps) & (dec < 0)
 
   def body(carry):
     step, _, _, _, _, n, last = carry
-    f_last, dec_last = last
+    f_last, dec_last, noise = last
     # Quadratic model through f(0), its slope ~ dec/step, and f(step).
     slope = dec_last / step
     curvature = f_last.astype(dtype) - f0 - slope * step
@@ -302,11 +356,12 @@ def projected_backtracking(value_and_grad, x, value, g, d, lower, upper, *,
                     0.5 * step)
     fit = jnp.where(jnp.isfinite(fit), fit, 0.5 * step)
     step = jnp.clip(fit, 0.1 * step, 0.5 * step)
-    xt, ft, gt, dec, ok = trial(step)
-    return step, xt, ft, gt, ok, n + 1, (ft, dec)
+    xt, ft, gt, dec, ok = trial(step, noise)
+    return step, xt, ft, gt, ok, n + 1, (ft, dec, measured(noise, ft, dec))
 
   step0 = jnp.asarray(initial_step, dtype)
-  xt, ft, gt, dec, ok = trial(step0)
-  carry = (step0, xt, ft, gt, ok, jnp.ones((), jnp.int32), (ft, dec))
+  xt, ft, gt, dec, ok = trial(step0, noise)
+  carry = (step0, xt, ft, gt, ok, jnp.ones((), jnp.int32),
+           (ft, dec, measured(noise, ft, dec)))
   _, xt, ft, gt, ok, n, _ = jax.lax.while_loop(cond, body, carry)
   return SearchResult(xt, ft, gt, ok, n)
