@@ -58,6 +58,18 @@ def prepare_bounds(params, lower, upper, owner: str):
   return treedef.unflatten(los), treedef.unflatten(his)
 
 
+def _require_floating(x0) -> None:
+  """Integer leaves have no gradient: say which one, before JAX does."""
+  paths, leaves, _ = _paths.leaves_with_paths(x0)
+  for path, leaf in zip(paths, leaves):
+    dtype = _paths.leaf_dtype(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"minimize: `x0` leaf {_paths.shown(path, 'x0')!r} has dtype "
+          f"{dtype}; only floating-point leaves can be optimized (e.g. "
+          f"pass jnp.asarray(x0, jnp.float32)).")
+
+
 class LbfgsbResult(NamedTuple):
   """The outcome of :func:`minimize`.
 
@@ -185,6 +197,7 @@ def minimize(fun: Callable[[Any], jax.Array], x0, lower=None, upper=None, *,
   if not (tol >= 0 and atol >= 0):
     raise ValueError(f"minimize: `tol` and `atol` must be >= 0, got "
                      f"tol={tol!r}, atol={atol!r}.")
+  _require_floating(x0)
   lower, upper = prepare_bounds(x0, lower, upper, "minimize")
   value_and_grad = jax.value_and_grad(fun)
   x = core.clip(jax.tree.map(jnp.asarray, x0), lower, upper)

@@ -1,7 +1,10 @@
 """Independent references and fixtures shared by several test files."""
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
+from sklearn import datasets
 
 # One leaf per floating dtype; float64 needs a local ``jax.enable_x64(True)``.
 DTYPES = {"f16": jnp.float16, "bf16": jnp.bfloat16, "f32": jnp.float32,
@@ -35,3 +38,10 @@ def bisection_simplex(v, scale=1.0):
     else:
       hi = mid
   return np.maximum(v - 0.5 * (lo + hi), 0)
+
+
+@functools.lru_cache(maxsize=None)
+def standardized_diabetes():
+  """scikit-learn's diabetes data, features and target standardized."""
+  X, y = datasets.load_diabetes(return_X_y=True)
+  return (X - X.mean(0)) / X.std(0), (y - y.mean()) / y.std()

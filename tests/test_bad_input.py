@@ -104,7 +104,11 @@ CASES = [
      TypeError, r"cannot constrain parameter `params` of dtype int32"),
     ("minimize.int_bare_x0",
      lambda: pc.minimize(lambda x: jnp.sum(x ** 2), jnp.arange(3), lower=0.0),
-     TypeError, r"minimize: bounds of parameter `x0`: .*dtype int32"),
+     TypeError, r"minimize: `x0` leaf 'x0' has dtype int32; only floating"),
+    ("minimize.int_leaf_no_bounds",
+     lambda: pc.minimize(lambda x: jnp.sum(x["b"] ** 2),
+                         {"a": jnp.ones(2), "b": jnp.arange(3)}),
+     TypeError, r"minimize: `x0` leaf 'b' has dtype int32; only floating"),
     # ------------------------------------------------ rules (constrain)
     ("constrain.parameterization_rule",
      lambda: pc.constrain({"layer/w": pc.Softplus()}), TypeError,

@@ -18,23 +18,13 @@ from sklearn import datasets
 
 import posconstr
 from posconstr import _lbfgsb_core as core
-
-
-@pytest.fixture
-def x64():
-  before = jax.config.read("jax_enable_x64")
-  with jax.enable_x64(True):
-    yield
-  assert jax.config.read("jax_enable_x64") == before
+from _reference import standardized_diabetes
 
 
 # ------------------------------------------------------------ problems
 
 
-@functools.lru_cache(maxsize=None)
-def _diabetes():
-  X, y = datasets.load_diabetes(return_X_y=True)
-  return (X - X.mean(0)) / X.std(0), (y - y.mean()) / y.std()
+_diabetes = standardized_diabetes
 
 
 @functools.lru_cache(maxsize=None)

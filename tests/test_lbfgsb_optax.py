@@ -15,23 +15,14 @@ import numpy as np
 import optax
 import pytest
 import scipy.optimize as so
-from sklearn import datasets
 
 import posconstr
-
-
-@pytest.fixture
-def x64():
-  before = jax.config.read("jax_enable_x64")
-  with jax.enable_x64(True):
-    yield
-  assert jax.config.read("jax_enable_x64") == before
+from _reference import standardized_diabetes
 
 
 @functools.lru_cache(maxsize=None)
 def _diabetes():
-  X, y = datasets.load_diabetes(return_X_y=True)
-  X, y = (X - X.mean(0)) / X.std(0), (y - y.mean()) / y.std()
+  X, y = standardized_diabetes()
   x_ref, _ = so.nnls(X, y)
   return X, y, x_ref, 0.5 * np.sum((X @ x_ref - y) ** 2)
 

@@ -15,14 +15,6 @@ import posconstr
 from posconstr import _lbfgsb_core as core
 
 
-@pytest.fixture
-def x64():
-  before = jax.config.read("jax_enable_x64")
-  with jax.enable_x64(True):
-    yield
-  assert jax.config.read("jax_enable_x64") == before
-
-
 # ------------------------------------------------------------ two-loop
 
 
