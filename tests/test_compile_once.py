@@ -72,15 +72,12 @@ def _counted(fn, counter):
   return traced
 
 
-@pytest.mark.parametrize("name", list(TRANSFORMS))
-def test_optax_step_traces_once(name):
-  tx = TRANSFORMS[name]()
+def _run_steps(tx, step):
+  """``STEPS`` jitted steps from ``_params()``; asserts a single trace.
+
+  Returns the final params and state and the initial loss.
+  """
   traces = []
-
-  def step(params, state):
-    updates, state = tx.update(jax.grad(_loss)(params), state, params)
-    return optax.apply_updates(params, updates), state
-
   step = jax.jit(chex.assert_max_traces(_counted(step, traces), n=1))
   params = _params()
   state = tx.init(params)
@@ -88,6 +85,18 @@ def test_optax_step_traces_once(name):
   for _ in range(STEPS):
     params, state = step(params, state)
   assert len(traces) == 1
+  return params, state, first
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_optax_step_traces_once(name):
+  tx = TRANSFORMS[name]()
+
+  def step(params, state):
+    updates, state = tx.update(jax.grad(_loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  params, _, first = _run_steps(tx, step)
   assert float(_loss(params)) < first
   assert float(W_SET.get(name, pc.NonNegative()).violation(params["w"])) == 0
 
@@ -97,7 +106,6 @@ def test_lbfgsb_line_search_step_traces_once():
   state by ``optax.value_and_grad_from_state``."""
   tx = pc.lbfgsb(memory_size=2, lower=0.0)
   value_and_grad = optax.value_and_grad_from_state(_loss)
-  traces = []
 
   def step(params, state):
     value, grad = value_and_grad(params, state=state)
@@ -105,13 +113,7 @@ def test_lbfgsb_line_search_step_traces_once():
                                value_fn=_loss)
     return optax.apply_updates(params, updates), state
 
-  step = jax.jit(chex.assert_max_traces(_counted(step, traces), n=1))
-  params = _params()
-  state = tx.init(params)
-  first = float(_loss(params))
-  for _ in range(STEPS):
-    params, state = step(params, state)
-  assert len(traces) == 1
+  params, state, first = _run_steps(tx, step)
   assert float(_loss(params)) < 0.5 * first
   assert int(state.count) == STEPS
 
