@@ -4,6 +4,7 @@ import functools
 
 import jax.numpy as jnp
 import numpy as np
+import optax
 from sklearn import datasets
 
 # One leaf per floating dtype; float64 needs a local ``jax.enable_x64(True)``.
@@ -45,3 +46,17 @@ def standardized_diabetes():
   """scikit-learn's diabetes data, features and target standardized."""
   X, y = datasets.load_diabetes(return_X_y=True)
   return (X - X.mean(0)) / X.std(0), (y - y.mean()) / y.std()
+
+
+def lbfgsb_line_search_step(tx, loss):
+  """One ``lbfgsb`` step with ``value_fn`` and the value and gradient that
+  ``optax.value_and_grad_from_state`` reuses from the state."""
+  value_and_grad = optax.value_and_grad_from_state(loss)
+
+  def step(params, state):
+    value, grad = value_and_grad(params, state=state)
+    updates, state = tx.update(grad, state, params, value=value, grad=grad,
+                               value_fn=loss)
+    return optax.apply_updates(params, updates), state
+
+  return step

@@ -23,6 +23,7 @@ import pytest
 from flax import nnx
 
 import posconstr as pc
+from _reference import lbfgsb_line_search_step
 
 N, M = 3, 3
 X = jax.random.normal(jax.random.key(0), (16, 4))
@@ -59,13 +60,7 @@ STATE_TYPES = {"adam+project_nonneg": pc.ProjectionState,
 def _optax_step(name):
   tx = TRANSFORMS[name]()
   if name == "lbfgsb":
-    value_and_grad = optax.value_and_grad_from_state(_loss)
-
-    def step(params, state):
-      value, grad = value_and_grad(params, state=state)
-      updates, state = tx.update(grad, state, params, value=value, grad=grad,
-                                 value_fn=_loss)
-      return optax.apply_updates(params, updates), state
+    step = lbfgsb_line_search_step(tx, _loss)
   else:
     def step(params, state):
       updates, state = tx.update(jax.grad(_loss)(params), state, params)

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import posconstr as pc
+from _reference import lbfgsb_line_search_step
 
 STEPS = 10
 
@@ -105,15 +106,7 @@ def test_lbfgsb_line_search_step_traces_once():
   """``value_fn`` inside the jitted step, value and grad reused from the
   state by ``optax.value_and_grad_from_state``."""
   tx = pc.lbfgsb(memory_size=2, lower=0.0)
-  value_and_grad = optax.value_and_grad_from_state(_loss)
-
-  def step(params, state):
-    value, grad = value_and_grad(params, state=state)
-    updates, state = tx.update(grad, state, params, value=value, grad=grad,
-                               value_fn=_loss)
-    return optax.apply_updates(params, updates), state
-
-  params, state, first = _run_steps(tx, step)
+  params, state, first = _run_steps(tx, lbfgsb_line_search_step(tx, _loss))
   assert float(_loss(params)) < 0.5 * first
   assert int(state.count) == STEPS
 

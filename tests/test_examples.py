@@ -38,14 +38,19 @@ def _table_rows(text, names):
   return {name: r[0] for name, r in rows.items()}
 
 
+def _assert_figure_saved(results, out_dir, filename):
+  """The example reports the figure's path under ``--out`` and wrote it."""
+  figure = out_dir / filename
+  assert results["figure"] == os.path.join(str(out_dir), filename)
+  assert figure.is_file() and figure.stat().st_size > 0
+
+
 def test_quickstart_smoke(tmp_path, capsys):
   quickstart = _load_example("quickstart")
   results = quickstart.main(["--steps", "5", "--out", str(tmp_path),
                              "--no-progress"])
 
-  figure = tmp_path / "quickstart.png"
-  assert results["figure"] == os.path.join(str(tmp_path), "quickstart.png")
-  assert figure.is_file() and figure.stat().st_size > 0
+  _assert_figure_saved(results, tmp_path, "quickstart.png")
 
   variants = results["variants"]
   names = ("adam", "adam+project", "adam+softplus")
@@ -144,9 +149,7 @@ def test_icnn_smoke(tmp_path):
   results = icnn.main(["--steps", "5", "--depths", "3", "--out", str(tmp_path),
                        "--no-progress"])
 
-  figure = tmp_path / "icnn.png"
-  assert results["figure"] == os.path.join(str(tmp_path), "icnn.png")
-  assert figure.is_file() and figure.stat().st_size > 0
+  _assert_figure_saved(results, tmp_path, "icnn.png")
 
   runs = results["runs"]
   assert {r["method"] for r in runs.values()} == {"he+clip", "icnn+proj",
@@ -169,9 +172,7 @@ def test_monotone_smoke(tmp_path):
   results = monotone.main(["--steps", "10", "--out", str(tmp_path),
                            "--no-progress"])
 
-  figure = tmp_path / "monotone.png"
-  assert results["figure"] == os.path.join(str(tmp_path), "monotone.png")
-  assert figure.is_file() and figure.stat().st_size > 0
+  _assert_figure_saved(results, tmp_path, "monotone.png")
 
   variants = results["variants"]
   assert set(variants) == {"mlp", "monotone-softplus", "monotone-proj"}
@@ -215,9 +216,7 @@ def test_nmf_smoke(tmp_path):
                       "--iters", "10", "--out", str(tmp_path),
                       "--no-progress"])
 
-  figure = tmp_path / "nmf.png"
-  assert results["figure"] == os.path.join(str(tmp_path), "nmf.png")
-  assert figure.is_file() and figure.stat().st_size > 0
+  _assert_figure_saved(results, tmp_path, "nmf.png")
 
   methods = results["methods"]
   assert set(methods) == {"projected-adam", "anls-minimize", "sklearn-cd",
