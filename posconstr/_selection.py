@@ -60,18 +60,16 @@ def _unmatched_patterns_error(owner, patterns, paths):
 
 
 def _as_static_bool(value, path: str, owner: str) -> bool:
-  if isinstance(value, (bool, np.bool_)):
-    return bool(value)
+  where = _paths.shown(path, "mask")
   if isinstance(value, jax.core.Tracer):
     raise TypeError(
-        f"{owner}: the mask entry for `{_paths.shown(path, 'mask')}` is traced; masks must be "
+        f"{owner}: the mask entry for `{where}` is traced; masks must be "
         "static Python booleans (computed from the tree's structure, not its "
         "values).")
-  if hasattr(value, "dtype") and np.ndim(value) == 0 and value.dtype == bool:
+  if _is_scalar_bool(value):
     return bool(value)
   raise TypeError(
-      f"{owner}: mask entries must be booleans, got {value!r} at "
-      f"`{_paths.shown(path, 'mask')}`.")
+      f"{owner}: mask entries must be booleans, got {value!r} at `{where}`.")
 
 
 def _prefix_mismatch(mask_paths, param_paths) -> str:
