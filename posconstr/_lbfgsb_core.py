@@ -303,11 +303,13 @@ def noise_level(value) -> jax.Array:
 
 def projected_backtracking(value_and_grad, x, value, g, d, lower, upper, *,
                            max_steps: int = 20, c1: float = 1e-4,
-                           initial_step=1.0) -> SearchResult:
+                           initial_step=1.0, reference=None) -> SearchResult:
   """Backtracking along ``P(x + a d)``; trial points stay in bounds.
 
-  With ``s = x(a) - x``, accepts the Armijo test ``f(x(a)) <= f(x) + c1
-  <g, s>``, or, once that test is below f's precision, its noise-floor
+  With ``s = x(a) - x``, accepts the Armijo test ``f(x(a)) <= f_ref + c1
+  <g, s>``, ``f_ref = max(f(x), reference)`` (``reference`` None: ``f(x)``;
+  the largest of the last few values makes it the non-monotone test of
+  Grippo, Lampariello & Lucidi, SIAM J. Numer. Anal. 23(4), 1986), or, once that test is below f's precision, its noise-floor
   version (the approximate Wolfe test of Hager & Zhang, SIAM J. Optim.
   16(1), 2005): the predicted decrease ``-<g, s>`` is under ``100 noise``,
   ``f(x(a)) <= f(x) + noise`` (``noise = NOISE_ULPS eps |f(x)|``) and the
@@ -327,6 +329,8 @@ def projected_backtracking(value_and_grad, x, value, g, d, lower, upper, *,
   value = jnp.asarray(value)
   f0 = value.astype(dtype)
   noise = noise_level(value).astype(dtype)
+  f_ref = f0 if reference is None else jnp.maximum(
+      f0, jnp.asarray(reference).astype(dtype))
 
   def trial(step, noise):
     xt = clip(tree_axpy(step, d, x), lower, upper)
@@ -334,7 +338,7 @@ def projected_backtracking(value_and_grad, x, value, g, d, lower, upper, *,
     s = jax.tree.map(jnp.subtract, xt, x)
     decrease = tree_vdot(g, s).astype(dtype)
     f = ft.astype(dtype)
-    armijo = f <= f0 + c1 * decrease
+    armijo = f <= f_ref + c1 * decrease
     floor = ((-decrease <= 100 * noise) & (f <= f0 + noise)
              & (tree_vdot(gt, s).astype(dtype) <= -0.8 * decrease))
     ok = jnp.isfinite(f) & (decrease < 0) & (armijo | floor)

@@ -144,3 +144,20 @@ def test_bad_arguments_are_usage_errors(tmp_path, args, message):
   assert proc.returncode == 2
   assert message in proc.stderr
   assert not (tmp_path / "x.json").exists()
+
+
+def test_cg_oracle_counts_evaluations():
+  """CG on orthonormal free columns is exact after one step (2 evaluations);
+  on Gaussian ones it needs at most ``|F| + 1`` (finite termination)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, REPO)
+  from benchmarks import _krylov_floor  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  q, _ = np.linalg.qr(rng.normal(size=(40, 12)))
+  x_star = np.where(np.arange(12) % 3 == 0, 0.0, 1.0)  # 8 free columns
+  b = rng.normal(size=40)
+  out = _krylov_floor.cg_oracle_evaluations(q, b, x_star, tol=1e-12)
+  assert out == {"cg_evals": 2, "free": 8, "converged": True}
+  a = rng.normal(size=(40, 12))
+  out = _krylov_floor.cg_oracle_evaluations(a, b, x_star, tol=1e-10)
+  assert out["converged"] and 3 <= out["cg_evals"] <= 9

@@ -71,13 +71,13 @@ def _scipy_lbfgsb(fun, jac, x0, lo, hi):
 
 # Measured (jax 0.10.2, CPU), iterations / evaluations, posconstr vs SciPy's
 # L-BFGS-B stopped at the same projected gradient: diabetes 13/15 vs 15/17,
-# digits 101/140 vs 471/487, digits_random 17/26 vs 34/47. The gamma-scaled
-# active-set width frees more coordinates, so about one step in three
-# crosses a bound and backtracks once (fev/iter 1.39 and 1.53; with the
-# unscaled width it was 1.16 and 1.40, but at 320/371 on digits).
+# digits 116/137 vs 471/487, digits_random 19/24 vs 34/47. Issue 5's target
+# is <= 1.3 evaluations per iteration; the monotone Armijo test needed 1.39
+# and 1.53 here (a unit step that crosses a bound often overshoots), the
+# non-monotone one 1.18 and 1.26.
 @pytest.mark.parametrize("name,tol,max_ratio", [
-    ("diabetes", 1e-10, 1.3), ("digits", 5e-9, 1.45),
-    ("digits_random", 5e-9, 1.6)])
+    ("diabetes", 1e-10, 1.3), ("digits", 5e-9, 1.3),
+    ("digits_random", 5e-9, 1.3)])
 def test_nnls_float64_matches_scipy(x64, name, tol, max_ratio):
   A, b = _PROBLEMS[name]()
   n = A.shape[1]
@@ -116,7 +116,7 @@ def test_nnls_float64_matches_scipy(x64, name, tol, max_ratio):
 # ------------------------------------------------------------ float32
 
 # Measured with tol=1e-4: diabetes gap 9e-11 (9 it, 11 fev), digits gap
-# 1.1e-5 (61 it, 91 fev). Below ~1e-5 float32 runs into its precision floor.
+# 1.1e-5 (80 it, 103 fev). Below ~1e-5 float32 runs into its precision floor.
 @pytest.mark.parametrize("name,max_gap", [("diabetes", 1e-7),
                                           ("digits", 3e-5)])
 def test_nnls_float32_documented_tolerance(name, max_gap):
@@ -132,7 +132,7 @@ def test_nnls_float32_documented_tolerance(name, max_gap):
   f_ref = _lsq(A, b, x_ref)
   gap = (_lsq(A, b, x) - f_ref) / f_ref
   assert gap <= max_gap, gap
-  assert int(r.num_fun_evals) <= 1.6 * int(r.num_iter)
+  assert int(r.num_fun_evals) <= 1.4 * int(r.num_iter)
 
 
 # ------------------------------------------------------------ Rosenbrock
