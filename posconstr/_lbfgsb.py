@@ -13,6 +13,7 @@ import numpy as np
 from posconstr import _bound_trees
 from posconstr import _constraint
 from posconstr import _lbfgsb_core as core
+from posconstr import _lbfgsb_search as search_lib
 from posconstr import _paths
 
 
@@ -226,20 +227,19 @@ def minimize(fun: Callable[[Any], jax.Array], x0, lower=None, upper=None, *,
 
   def body(c: _Carry) -> _Carry:
     d = core.direction(c.memory, c.x, c.grad, lower, upper, eps_active)
-    search = core.projected_backtracking(
+    search = search_lib.projected_backtracking(
         value_and_grad, c.x, c.value, c.grad, d, lower, upper,
         max_steps=max_linesearch_steps, reference=jnp.max(c.recent))
     ok = search.accepted
     s = jax.tree.map(jnp.subtract, search.x, c.x)
     y = jax.tree.map(jnp.subtract, search.grad, c.grad)
-    memory = jax.tree.map(
-        lambda a, b: jnp.where(ok, a, b), core.push_pair(c.memory, s, y),
-        core.reset_memory(c.memory))
+    memory = core.reset_memory(core.push_pair(c.memory, s, y, keep=ok),
+                               where=~ok)
     x = core.tree_where(ok, search.x, c.x)
     grad = core.tree_where(ok, search.grad, c.grad)
     value = jnp.where(ok, search.value, c.value)
     pg = core.projected_gradient_norm(x, grad, lower, upper)
-    progress = ((value < c.value - core.noise_level(c.value))
+    progress = ((value < c.value - search_lib.noise_level(c.value))
                 | (pg <= 0.5 * c.pg_ref))
     return _Carry(x, value, grad, memory, c.num_iter + 1,
                   c.num_evals + search.num_evals, pg, pg <= threshold,

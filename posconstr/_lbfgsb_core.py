@@ -6,21 +6,22 @@ constraints", SIAM J. Control Optim. 20(2), 1982; Gafni & Bertsekas 1984;
 Kim, Sra & Dhillon, "Tackling box-constrained optimization via a new
 projected quasi-Newton approach", SIAM J. Sci. Comput. 2010), with the
 L-BFGS inverse Hessian (Nocedal 1980), applied in the compact form of
-Byrd, Nocedal & Schnabel (1994), as the metric on the free variables:
+Byrd, Nocedal & Schnabel (1994), or by the two-loop recursion when vmapped,
+as the metric on the free variables:
 
 * the epsilon-active set ``A``: coordinates within ``eps_k`` of a bound whose
   gradient points out of the box, with ``eps_k = min(eps, ||x - P(x -
   gamma g)||_inf)`` (``gamma`` the L-BFGS scaling ``s^T y / y^T y``, so the
   width is in units of ``x`` whatever the scale of ``f``);
 * direction ``d_F = -[H g_F]_F`` on the free set (``H`` the L-BFGS inverse
-  Hessian of the pairs restricted to the free set, by small dense products
-  with no loop over the pairs, so ``g^T d < 0``) and ``d_A = -gamma g_A``
-  (diagonal metric) on the active set;
-* a backtracking Armijo search along the projected path
-  ``x(a) = P(x + a d)``: every trial point is inside the bounds, bit-exact,
-  so the function is never evaluated outside them. Where the Armijo test
-  asks for a decrease below f's rounding, an approximate Wolfe test (Hager &
-  Zhang 2005) on the gradient decides instead;
+  Hessian of the pairs restricted to the free set, so ``g^T d < 0``) and
+  ``d_A = -gamma g_A`` (diagonal metric) on the active set;
+* a backtracking, optionally non-monotone, Armijo search along the
+  projected path ``x(a) = P(x + a d)`` (``_lbfgsb_search``): every trial
+  point is inside the bounds, bit-exact, so the function is never evaluated
+  outside them. Where the Armijo test asks for a decrease below f's
+  rounding, an approximate Wolfe test (Hager & Zhang 2005) on the gradient
+  decides instead;
 * curvature pairs with ``s^T y <= eps_mach ||y||^2`` are skipped.
 
 No leaf is ever concatenated with another: inner products are sums of
@@ -94,13 +95,12 @@ def active_outward(x, g, lower, upper, eps):
 
 
 class Memory(NamedTuple):
-  """Circular buffer of the last ``m`` curvature pairs."""
+  """The last ``m`` curvature pairs, newest first (index 0)."""
 
   s: Any  # pytree, each leaf with a leading axis of size m
   y: Any
   rho: jax.Array  # (m,), 1 / s^T y, 0 for empty slots
-  head: jax.Array  # index of the next slot to write
-  count: jax.Array  # number of valid pairs
+  count: jax.Array  # number of valid pairs (the first ``count`` slots)
   gamma: jax.Array  # H0 = gamma I, from the newest pair
 
 
@@ -109,43 +109,44 @@ def init_memory(params, memory_size: int, dtype) -> Memory:
       lambda x: jnp.zeros((memory_size,) + jnp.shape(x), jnp.result_type(x)),
       params)
   return Memory(zeros, zeros, jnp.zeros((memory_size,), dtype),
-                jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
-                jnp.ones((), dtype))
+                jnp.zeros((), jnp.int32), jnp.ones((), dtype))
 
 
-def reset_memory(memory: Memory) -> Memory:
-  return memory._replace(rho=jnp.zeros_like(memory.rho),
-                         count=jnp.zeros_like(memory.count),
-                         gamma=jnp.ones_like(memory.gamma))
+def reset_memory(memory: Memory, where=True) -> Memory:
+  """Forgets every pair (where ``where``); the buffers are left in place."""
+  return memory._replace(
+      rho=jnp.where(where, jnp.zeros_like(memory.rho), memory.rho),
+      count=jnp.where(where, jnp.zeros_like(memory.count), memory.count),
+      gamma=jnp.where(where, jnp.ones_like(memory.gamma), memory.gamma))
 
 
-def push_pair(memory: Memory, s, y) -> Memory:
-  """Adds ``(s, y)`` unless its curvature ``s^T y`` is too small."""
+def push_pair(memory: Memory, s, y, keep=True) -> Memory:
+  """Adds ``(s, y)`` in front unless its curvature ``s^T y`` is too small.
+
+  ``keep`` False (a traced bool) leaves the memory as it was. The buffers
+  shift by one slot with a select rather than a scatter: one fused pass that
+  needs no copy of the old buffers to serve the ``good`` test (and, under
+  vmap, finished lanes); such copies cost ~20% of a batched solve.
+  """
   sy = tree_vdot(s, y)
   yy = tree_vdot(y, y)
   eps = jnp.finfo(memory.rho.dtype).eps
-  good = (sy > eps * yy) & jnp.isfinite(sy) & (yy > 0)
-  m = memory.rho.shape[0]
-  k = memory.head
-  # A masked select rather than ``at[k].set``: the update then needs no copy
-  # of the buffers to keep the old ones for the ``good`` test (and, under
-  # vmap, for finished lanes); the copies cost ~20% of a batched solve.
-  slot = (jnp.arange(m) == k) & good
+  good = (sy > eps * yy) & jnp.isfinite(sy) & (yy > 0) & keep
 
-  def write(buf, new):
+  def shift(buf, new):
     return jax.tree.map(
-        lambda b, n: jnp.where(slot.reshape((m,) + (1,) * jnp.ndim(n)),
-                               jnp.asarray(n, b.dtype)[None], b), buf, new)
+        lambda b, n: jnp.where(good, jnp.concatenate(
+            [jnp.asarray(n, b.dtype)[None], b[:-1]]), b), buf, new)
 
-  def keep(new, old):
-    return jnp.where(good, new, old).astype(old.dtype)
-
-  return Memory(write(memory.s, s), write(memory.y, y),
-                jnp.where(slot, (1 / jnp.where(good, sy, 1)).astype(
-                    memory.rho.dtype), memory.rho),
-                keep((k + 1) % m, k), keep(jnp.minimum(memory.count + 1, m),
-                                           memory.count),
-                keep(sy / jnp.where(good, yy, 1), memory.gamma))
+  rho = jnp.concatenate([(1 / jnp.where(good, sy, 1))[None].astype(
+      memory.rho.dtype), memory.rho[:-1]])
+  m = memory.rho.shape[0]
+  return Memory(shift(memory.s, s), shift(memory.y, y),
+                jnp.where(good, rho, memory.rho),
+                jnp.where(good, jnp.minimum(memory.count + 1, m),
+                          memory.count),
+                jnp.where(good, sy / jnp.where(good, yy, 1),
+                          memory.gamma).astype(memory.gamma.dtype))
 
 
 def pair_grams(memory: Memory, free):
@@ -189,7 +190,7 @@ def triangular_inverse(r):
   return inv / diag[None, :]
 
 
-def apply_inverse_hessian(memory: Memory, q, free=None):
+def compact_inverse_hessian(memory: Memory, q, free=None):
   """``H q`` for the L-BFGS inverse Hessian, in compact form.
 
   ``H = gamma I + [S  gamma Y] M [S  gamma Y]^T`` with ``M`` from the
@@ -208,7 +209,7 @@ def apply_inverse_hessian(memory: Memory, q, free=None):
   Pairs whose reduced curvature is too small are left out.
   """
   m = memory.rho.shape[0]
-  age = (memory.head - 1 - jnp.arange(m)) % m  # 0 for the newest slot
+  age = jnp.arange(m)  # 0 for the newest pair
   valid = age < memory.count
   sy, yy = pair_grams(memory, free)
   sy_d, yy_d = jnp.diagonal(sy), jnp.diagonal(yy)
@@ -257,6 +258,102 @@ def apply_inverse_hessian(memory: Memory, q, free=None):
   return jax.tree.unflatten(jax.tree.structure(q), leaves)
 
 
+def two_loop_inverse_hessian(memory: Memory, q, free=None):
+  """``H q`` as :func:`compact_inverse_hessian`, by the two-loop recursion.
+
+  Nocedal & Wright, Alg. 7.4, unrolled over the ``m`` pairs (newest first),
+  on the pairs restricted to ``free`` with the same skip test and ``H0``.
+  Some ``4 m`` small fused steps: slower than the compact form for one
+  problem, but under ``vmap`` it needs no batched ``m x m`` products, which
+  XLA:CPU runs lane by lane (2.3x faster for 64 lanes of 50 variables).
+  """
+  m = memory.rho.shape[0]
+  frees = (jax.tree.leaves(free) if free is not None
+           else [None] * len(jax.tree.leaves(q)))
+  ss = jax.tree.leaves(memory.s)
+  ys = [y if f is None else jnp.where(f[None], y, jnp.zeros((), y.dtype))
+        for y, f in zip(jax.tree.leaves(memory.y), frees)]
+  dtype = jnp.result_type(memory.rho, *ss)
+
+  def pair_sums(a, b):  # (m,): sum over leaves of <a_i, b_i>
+    return sum(jnp.sum((x * y).reshape(m, -1), axis=1).astype(dtype)
+               for x, y in zip(a, b))
+
+  def dot(a, b):
+    return sum(jnp.vdot(x, y).astype(dtype) for x, y in zip(a, b))
+
+  sy, yy = pair_sums(ss, ys), pair_sums(ys, ys)
+  good = jnp.arange(m) < memory.count
+  gamma = memory.gamma.astype(dtype)
+  if free is not None:
+    eps = jnp.finfo(memory.rho.dtype).eps
+    good = good & (sy > eps * yy) & (yy > 0)
+    newest = jnp.argmax(good)
+    gamma = jnp.where(jnp.any(good),
+                      sy[newest] / jnp.where(good, yy, 1)[newest], gamma)
+  rho = jnp.where(good, 1 / jnp.where(good, sy, 1), 0)
+
+  def axpy(a, xs, r):
+    return [ri + (a * x).astype(ri.dtype) for x, ri in zip(xs, r)]
+
+  r = jax.tree.leaves(q)
+  alphas = []
+  for i in range(m):
+    alphas.append(rho[i] * dot([s[i] for s in ss], r))
+    r = axpy(-alphas[i], [y[i] for y in ys], r)
+  r = [(gamma * ri).astype(ri.dtype) for ri in r]
+  for i in reversed(range(m)):
+    beta = rho[i] * dot([y[i] for y in ys], r)
+    r = axpy(alphas[i] - beta, [s[i] for s in ss], r)
+  # Adding whole s_i is adding s_i restricted to free, plus a part off free
+  # that no later product reads (y is restricted): drop it once, here.
+  r = [ri if f is None else jnp.where(f, ri, jnp.zeros((), ri.dtype))
+       for ri, f in zip(r, frees)]
+  return jax.tree.unflatten(jax.tree.structure(q), r)
+
+
+# The largest memory for which a vmapped product is the unrolled two-loop.
+TWO_LOOP_MAX = 32
+
+
+@jax.custom_jvp
+def apply_inverse_hessian(memory: Memory, q, free=None):
+  """``H q``: the compact form, or under ``vmap`` the two-loop recursion.
+
+  The two agree to rounding (tested); each is the faster where it is used
+  (on XLA:CPU, 0.4x the time for one problem of 50 variables, 2.3x faster
+  vmapped over 64). Vmapped with more than ``TWO_LOOP_MAX`` pairs, the
+  compact form again. Derivatives are those of the compact form.
+  """
+  return _vmap_aware_inverse_hessian(memory, q, free)
+
+
+@apply_inverse_hessian.defjvp
+def _apply_inverse_hessian_jvp(primals, tangents):
+  # custom_vmap has no reverse mode; the compact form has.
+  return jax.jvp(compact_inverse_hessian, primals, tangents)
+
+
+@jax.custom_batching.custom_vmap
+def _vmap_aware_inverse_hessian(memory: Memory, q, free=None):
+  return compact_inverse_hessian(memory, q, free)
+
+
+@_vmap_aware_inverse_hessian.def_vmap
+def _two_loop_when_batched(axis_size, in_batched, memory, q, free=None):
+  def batched(x, is_batched):
+    return x if is_batched else jnp.broadcast_to(
+        x, (axis_size,) + jnp.shape(x))
+
+  args = jax.tree.map(batched, (memory, q, free), tuple(in_batched))
+  # Unrolled, the recursion's program grows with m; beyond a few dozen
+  # pairs the compile time is not worth it.
+  product = (two_loop_inverse_hessian if memory.rho.shape[-1] <= TWO_LOOP_MAX
+             else compact_inverse_hessian)
+  out = jax.vmap(product)(*args)
+  return out, jax.tree.map(lambda _: True, out)
+
+
 def direction(memory: Memory, x, g, lower, upper, eps_active: float):
   """The two-metric projected quasi-Newton direction (see module doc)."""
   dtype = memory.gamma.dtype
@@ -279,99 +376,3 @@ def direction(memory: Memory, x, g, lower, upper, eps_active: float):
   return jax.tree.map(
       lambda h, gi, a: jnp.where(a, -gamma * gi, -h).astype(gi.dtype),
       hq, g, active)
-
-
-# ------------------------------------------------------------ line search
-
-
-class SearchResult(NamedTuple):
-  x: Any
-  value: jax.Array
-  grad: Any
-  accepted: jax.Array
-  num_evals: jax.Array
-
-
-# Precision of f, in ulps of |f|: a decrease smaller than this is noise.
-NOISE_ULPS = 16
-
-
-def noise_level(value) -> jax.Array:
-  """``NOISE_ULPS * eps * |f|``: changes of f below this are rounding."""
-  return NOISE_ULPS * jnp.finfo(value.dtype).eps * jnp.abs(value)
-
-
-def projected_backtracking(value_and_grad, x, value, g, d, lower, upper, *,
-                           max_steps: int = 20, c1: float = 1e-4,
-                           initial_step=1.0, reference=None) -> SearchResult:
-  """Backtracking along ``P(x + a d)``; trial points stay in bounds.
-
-  With ``s = x(a) - x``, accepts the Armijo test ``f(x(a)) <= f_ref + c1
-  <g, s>``, ``f_ref = max(f(x), reference)`` (``reference`` None: ``f(x)``;
-  the largest of the last few values makes it the non-monotone test of
-  Grippo, Lampariello & Lucidi, SIAM J. Numer. Anal. 23(4), 1986), or, once that test is below f's precision, its noise-floor
-  version (the approximate Wolfe test of Hager & Zhang, SIAM J. Optim.
-  16(1), 2005): the predicted decrease ``-<g, s>`` is under ``100 noise``,
-  ``f(x(a)) <= f(x) + noise`` (``noise = NOISE_ULPS eps |f(x)|``) and the
-  slope at the trial is still at most ``0.8 |<g, s>|`` (``<g(x(a)), s> <=
-  -0.8 <g, s>``), so the step did not overshoot. The gradient stays
-  informative where f has no digits left. Backtracks by safeguarded
-  quadratic interpolation within ``[0.1 a, 0.5 a]``.
-
-  ``16 eps |f|`` understates f's rounding where f is a small remainder of
-  large terms (a least-squares residual near a good fit). A trial whose
-  predicted change ``|<g, s>|`` is under the noise, yet moved f by more,
-  has measured that rounding: the noise is raised to it for the rest of
-  the search, so backtracking does not go on drawing lots on f's last bits.
-  """
-  # Scalars in one dtype: that of the value or the widest leaf.
-  dtype = jnp.result_type(value, *jax.tree.leaves(x))
-  value = jnp.asarray(value)
-  f0 = value.astype(dtype)
-  noise = noise_level(value).astype(dtype)
-  f_ref = f0 if reference is None else jnp.maximum(
-      f0, jnp.asarray(reference).astype(dtype))
-
-  def trial(step, noise):
-    xt = clip(tree_axpy(step, d, x), lower, upper)
-    ft, gt = value_and_grad(xt)
-    s = jax.tree.map(jnp.subtract, xt, x)
-    decrease = tree_vdot(g, s).astype(dtype)
-    f = ft.astype(dtype)
-    armijo = f <= f_ref + c1 * decrease
-    floor = ((-decrease <= 100 * noise) & (f <= f0 + noise)
-             & (tree_vdot(gt, s).astype(dtype) <= -0.8 * decrease))
-    ok = jnp.isfinite(f) & (decrease < 0) & (armijo | floor)
-    return xt, ft, gt, decrease, ok
-
-  def measured(noise, ft, dec):
-    # The change of f where the model predicts none is rounding.
-    change = jnp.abs(ft.astype(dtype) - f0)
-    return jnp.where((-dec <= noise) & jnp.isfinite(change),
-                     jnp.maximum(noise, change), noise)
-
-  def cond(carry):
-    _, _, _, _, ok, n, (_, dec, _) = carry
-    # Stop when accepted, out of steps, or the path no longer descends
-    # (the step became too small to move any coordinate).
-    return (~ok) & (n < max_steps) & (dec < 0)
-
-  def body(carry):
-    step, _, _, _, _, n, last = carry
-    f_last, dec_last, noise = last
-    # Quadratic model through f(0), its slope ~ dec/step, and f(step).
-    slope = dec_last / step
-    curvature = f_last.astype(dtype) - f0 - slope * step
-    fit = jnp.where(curvature > 0, -slope * step**2 / (2 * curvature),
-                    0.5 * step)
-    fit = jnp.where(jnp.isfinite(fit), fit, 0.5 * step)
-    step = jnp.clip(fit, 0.1 * step, 0.5 * step)
-    xt, ft, gt, dec, ok = trial(step, noise)
-    return step, xt, ft, gt, ok, n + 1, (ft, dec, measured(noise, ft, dec))
-
-  step0 = jnp.asarray(initial_step, dtype)
-  xt, ft, gt, dec, ok = trial(step0, noise)
-  carry = (step0, xt, ft, gt, ok, jnp.ones((), jnp.int32),
-           (ft, dec, measured(noise, ft, dec)))
-  _, xt, ft, gt, ok, n, _ = jax.lax.while_loop(cond, body, carry)
-  return SearchResult(xt, ft, gt, ok, n)

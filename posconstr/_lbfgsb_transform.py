@@ -11,6 +11,7 @@ import optax
 from posconstr import _landing
 from posconstr import _lbfgsb
 from posconstr import _lbfgsb_core as core
+from posconstr import _lbfgsb_search as search_lib
 
 
 class LbfgsbInfo(NamedTuple):
@@ -136,8 +137,7 @@ def lbfgsb(learning_rate: Optional[float] = None, memory_size: int = 10,
     # The pair of the previous step (skipped on the first call).
     s = jax.tree.map(jnp.subtract, x, state.prev_params)
     y = jax.tree.map(jnp.subtract, g, state.prev_grad)
-    memory = jax.tree.map(lambda a, b: jnp.where(state.count > 0, a, b),
-                          core.push_pair(memory, s, y), memory)
+    memory = core.push_pair(memory, s, y, keep=state.count > 0)
     d = core.direction(memory, x, g, lo, hi, eps_active)
     if learning_rate is None:
       if value is None or value_fn is None:
@@ -146,15 +146,14 @@ def lbfgsb(learning_rate: Optional[float] = None, memory_size: int = 10,
                          "a fixed `learning_rate`.")
       value_and_grad = jax.value_and_grad(
           lambda p: value_fn(p, **extra_args))
-      search = core.projected_backtracking(
+      search = search_lib.projected_backtracking(
           value_and_grad, x, jnp.asarray(value), g, d, lo, hi,
           max_steps=max_linesearch_steps)
       ok = search.accepted
       new_x = core.tree_where(ok, search.x, x)
       new_value = jnp.where(ok, search.value, value).astype(state.value.dtype)
       new_grad = core.tree_where(ok, search.grad, g)
-      memory = jax.tree.map(lambda a, b: jnp.where(ok, a, b), memory,
-                            core.reset_memory(memory))
+      memory = core.reset_memory(memory, where=~ok)
       evals = search.num_evals
     else:
       step = (learning_rate(state.count) if callable(learning_rate)

@@ -317,12 +317,24 @@ def test_push_pair_skips_small_curvature(x64):
   for y in (jnp.zeros(3), jnp.array([-1.0, 0.0, 0.0]),
             jnp.array([1e-17, 5.0, 0.0])):  # s^T y <= eps ||y||^2
     skipped = push(mem, s, y)
-    assert int(skipped.count) == 0 and int(skipped.head) == 0
+    assert int(skipped.count) == 0 and not np.any(np.asarray(skipped.s))
     assert float(skipped.gamma) == 1.0
   added = push(mem, s, jnp.array([2.0, 1.0, 0.0]))
   assert int(added.count) == 1
   np.testing.assert_allclose(float(added.rho[0]), 0.5)
   np.testing.assert_allclose(float(added.gamma), 2.0 / 5.0)
+  # Newest first: a second pair moves the first to slot 1; keep=False and
+  # reset leave the buffers alone.
+  second = push(added, 2 * s, jnp.array([1.0, 0.0, 0.0]))
+  np.testing.assert_array_equal(np.asarray(second.s[:2]), [2 * s, s])
+  np.testing.assert_allclose(np.asarray(second.rho), [0.5, 0.5, 0, 0])
+  assert int(second.count) == 2 and float(second.gamma) == 2.0
+  same = push(added, 2 * s, jnp.array([1.0, 0.0, 0.0]), False)
+  for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(added)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  reset = core.reset_memory(second, where=jnp.asarray(True))
+  assert int(reset.count) == 0 and not np.any(np.asarray(reset.rho))
+  np.testing.assert_array_equal(np.asarray(reset.s), np.asarray(second.s))
   # The two-loop recursion with one pair stays finite and exact on s.
   hq = jax.jit(core.apply_inverse_hessian)(added, jnp.array([2.0, 1.0, 0.0]))
   np.testing.assert_allclose(np.asarray(hq), np.asarray(s), atol=1e-15)

@@ -14,7 +14,7 @@ import pytest
 from sklearn import datasets
 
 import posconstr
-from posconstr import _lbfgsb_core as core
+from posconstr import _lbfgsb_search as search_lib
 
 
 def _square_search(reference):
@@ -23,7 +23,7 @@ def _square_search(reference):
   x = jnp.asarray(1.0)
   f, g = vg(x)
   inf = jnp.asarray(jnp.inf)
-  return core.projected_backtracking(vg, x, f, g, jnp.asarray(-2.5), -inf,
+  return search_lib.projected_backtracking(vg, x, f, g, jnp.asarray(-2.5), -inf,
                                      inf, reference=reference)
 
 
@@ -46,7 +46,7 @@ def test_window_reference_accepts_the_overshoot(x64):
 def _recorded_solve(monkeypatch, window):
   """NNLS on digits columns, recording each search's reference and result."""
   records = []
-  original = core.projected_backtracking
+  original = search_lib.projected_backtracking
 
   def recording(value_and_grad, x, value, g, d, lower, upper, **kwargs):
     result = original(value_and_grad, x, value, g, d, lower, upper, **kwargs)
@@ -56,7 +56,7 @@ def _recorded_solve(monkeypatch, window):
         ordered=True)
     return result
 
-  monkeypatch.setattr(core, "projected_backtracking", recording)
+  monkeypatch.setattr(search_lib, "projected_backtracking", recording)
   data = datasets.load_digits().data / 16.0
   A, b = jnp.asarray(data[:1000].T), jnp.asarray(data[1500])
   fun = lambda x: 0.5 * jnp.sum((A @ x - b) ** 2)
@@ -79,7 +79,7 @@ def test_window_bookkeeping_matches_the_definition(x64, monkeypatch, window):
     if not accepted:  # the window restarts at the current point
       values = [values[-1]]
       continue
-    noise = core.NOISE_ULPS * np.finfo(np.float64).eps * abs(f_k)
+    noise = search_lib.NOISE_ULPS * np.finfo(np.float64).eps * abs(f_k)
     # GLL: below the window's largest value (the c1 term only tightens
     # it), up to the noise floor's approximate-Wolfe acceptance.
     assert f_next <= max(reference, f_k + noise)

@@ -38,8 +38,44 @@ def _numpy_two_loop(pairs, q, gamma0, free):
   return r
 
 
+def _vmapped_product(memory, q, free=None):
+  """``apply_inverse_hessian`` under vmap (its two-loop branch), 2 lanes."""
+  two = lambda t: jax.tree.map(lambda v: jnp.stack([v, v]), t)
+  out = jax.vmap(core.apply_inverse_hessian)(two(memory), two(q),
+                                             None if free is None else two(free))
+  return jax.tree.map(lambda v: v[1], out)
+
+
+def test_vmap_takes_the_two_loop_branch(monkeypatch):
+  calls = []
+  original = core.two_loop_inverse_hessian
+  monkeypatch.setattr(core, "two_loop_inverse_hessian",
+                      lambda *a: calls.append(1) or original(*a))
+  memory = core.push_pair(core.init_memory(jnp.zeros(3), 2, jnp.float32),
+                          jnp.ones(3), 2 * jnp.ones(3))
+  q = jnp.ones((4, 3))
+  want = jax.vmap(lambda v: core.compact_inverse_hessian(memory, v))(q)
+  core.apply_inverse_hessian(memory, q[0])
+  assert not calls  # unbatched: the compact form
+  got = jax.vmap(lambda v: core.apply_inverse_hessian(memory, v))(q)
+  assert calls
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+  # A long memory keeps the compact form (the unrolled program would grow).
+  calls.clear()
+  big = core.init_memory(jnp.zeros(3), core.TWO_LOOP_MAX + 1, jnp.float32)
+  jax.vmap(lambda v: core.apply_inverse_hessian(big, v))(q)
+  assert not calls
+
+
+_PRODUCTS = {"apply": core.apply_inverse_hessian,
+             "compact": core.compact_inverse_hessian,
+             "two_loop": core.two_loop_inverse_hessian,
+             "vmapped": _vmapped_product}
+
+
+@pytest.mark.parametrize("product", sorted(_PRODUCTS))
 @pytest.mark.parametrize("pushes", [3, 13])  # fewer than m, and wrapped
-def test_compact_form_matches_numpy_two_loop(x64, pushes):
+def test_inverse_hessian_matches_numpy_two_loop(x64, pushes, product):
   rng = np.random.default_rng(pushes)
   m, shapes = 5, {"a": (4, 3), "b": (7,)}
   n = sum(int(np.prod(v)) for v in shapes.values())
@@ -59,17 +95,18 @@ def test_compact_form_matches_numpy_two_loop(x64, pushes):
   free = rng.random(n) < 0.7
   q = np.where(free, rng.normal(size=n), 0.0)
   ravel = lambda t: np.concatenate([np.ravel(t["a"]), np.ravel(t["b"])])
-  got = jax.jit(core.apply_inverse_hessian)(memory, tree(q), tree(free))
+  apply = jax.jit(_PRODUCTS[product])
+  got = apply(memory, tree(q), tree(free))
   want = _numpy_two_loop(pairs, q, float(memory.gamma), free)
   np.testing.assert_allclose(ravel(got), want, rtol=1e-12, atol=1e-12)
   assert np.all(ravel(got)[~free] == 0)
   # Unrestricted: the plain L-BFGS inverse Hessian.
-  got = jax.jit(core.apply_inverse_hessian)(memory, tree(q))
+  got = apply(memory, tree(q))
   want = _numpy_two_loop(pairs, q, float(memory.gamma), np.ones(n))
   np.testing.assert_allclose(ravel(got), want, rtol=1e-12, atol=1e-12)
   # It is the inverse of the BFGS matrix on the newest pair: H y = s.
   s, y = pairs[-1]
-  got = jax.jit(core.apply_inverse_hessian)(memory, tree(y))
+  got = apply(memory, tree(y))
   np.testing.assert_allclose(ravel(got), s, rtol=1e-10, atol=1e-10)
 
 
