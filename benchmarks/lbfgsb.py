@@ -61,7 +61,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, List
 
 if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -75,308 +75,41 @@ import numpy as np
 import scipy
 import scipy.optimize
 
-import posconstr
 from benchmarks import _krylov_floor
 from benchmarks import _timing
+from benchmarks._blas_threads import BlasThreads
+from benchmarks._blas_threads import choose_blas_threads
+from benchmarks._blas_threads import measure_bandwidth
+from benchmarks._nnls_problems import kkt_residual
+from benchmarks._nnls_problems import make_problem
+from benchmarks._nnls_problems import objective
+from benchmarks._nnls_problems import pg0_of
+from benchmarks._nnls_problems import Problem
+from benchmarks._nnls_report import BASELINE
+from benchmarks._nnls_report import floor_rows
+from benchmarks._nnls_report import floor_table
+from benchmarks._nnls_report import JAXOPT
+from benchmarks._nnls_report import method_table
+from benchmarks._nnls_report import PC
+from benchmarks._nnls_report import SCIPY_LB
+from benchmarks._nnls_report import SCIPY_NNLS
+from benchmarks._nnls_report import status_summary
+from benchmarks._nnls_report import targets
+from benchmarks._nnls_solvers import eval_callables
+from benchmarks._nnls_solvers import jaxopt_solve
+from benchmarks._nnls_solvers import jaxopt_status
+from benchmarks._nnls_solvers import posconstr_solve
+from benchmarks._nnls_solvers import posconstr_status
+from benchmarks._nnls_solvers import scipy_lbfgsb
+from benchmarks._nnls_solvers import scipy_nnls
+from benchmarks._nnls_solvers import scipy_status
 
 DEFAULT_OUT = os.path.join("benchmarks", "results", "lbfgsb.json")
 ALL_PROBLEMS = "200x50,2000x500,5000x2000,digits,batch"
 QUICK_PROBLEMS = "200x50,batch"
 LARGE_NNLS = 5000 * 2000  # Size of A from which scipy nnls is run only once.
-BATCH = 64
-BATCH_SHAPE = (200, 50)
 
-PC = "posconstr"
-JAXOPT = "jaxopt LBFGSB"
-SCIPY_LB = "scipy L-BFGS-B"
-SCIPY_NNLS = "scipy nnls"
-BASELINE = SCIPY_LB
 EVAL_PREFIX = "eval:"
-
-
-# ----------------------------------------------------------------------------
-# Problems.
-
-
-class Problem(NamedTuple):
-  name: str
-  A: np.ndarray  # (m, n), or (batch, m, n)
-  b: np.ndarray  # (m,), or (batch, m)
-  note: str
-
-  @property
-  def batched(self) -> bool:
-    return self.A.ndim == 3
-
-
-def gaussian(m: int, n: int, seed: int, density: float = 0.2,
-             noise: float = 1e-2):
-  """Gaussian ``A``; ``b = A x* + noise``, ``x*`` sparse and non-negative."""
-  rng = np.random.default_rng(seed)
-  A = rng.standard_normal((m, n))
-  x_star = np.where(rng.random(n) < density, rng.uniform(0.5, 1.5, n), 0.0)
-  b = A @ x_star + noise * rng.standard_normal(m)
-  return A, b
-
-
-def make_problem(name: str, seed: int) -> Problem:
-  if name == "digits":
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-    data = load_digits().data / 16.0
-    held_out = 1000 + int(np.random.default_rng(seed).integers(
-        0, data.shape[0] - 1000))
-    return Problem("digits", np.ascontiguousarray(data[:1000].T),
-                   data[held_out].copy(),
-                   f"64x1000, b = digit #{held_out} (held out)")
-  if name == "batch":
-    pairs = [gaussian(*BATCH_SHAPE, seed=seed + 1000 + i) for i in range(BATCH)]
-    return Problem(
-        "batch", np.stack([p[0] for p in pairs]),
-        np.stack([p[1] for p in pairs]),
-        f"{BATCH} x {BATCH_SHAPE[0]}x{BATCH_SHAPE[1]} Gaussian, vmap vs loops")
-  m, n = (int(v) for v in name.split("x"))
-  A, b = gaussian(m, n, seed)
-  return Problem(name, A, b, f"{m}x{n} Gaussian, planted sparse x* >= 0")
-
-
-def objective(A, b, x) -> float:
-  r = A @ x - b
-  return 0.5 * float(r @ r)
-
-
-def kkt_residual(A, b, x) -> float:
-  """``||x - max(x - grad, 0)||_inf``: 0 exactly at a KKT point."""
-  g = A.T @ (A @ x - b)
-  return float(np.max(np.abs(x - np.maximum(x - g, 0.0))))
-
-
-def pg0_of(A, b) -> float:
-  """``||x0 - P(x0 - g0)||_inf`` at ``x0 = 0``: ``max(A^T b, 0)``."""
-  return float(max(np.max(A.T @ b), 0.0))
-
-
-# ----------------------------------------------------------------------------
-# Solvers. Each returns (x, iterations, evaluations, status) per problem.
-
-
-def least_squares(A, b):
-  """``0.5 ||A x - b||^2`` with the gradient ``r @ A``, written out.
-
-  On XLA:CPU with ``A`` a runtime argument, ``A.T @ r`` materializes the
-  transpose of ``A`` in every evaluation (3.6x slower than ``r @ A`` at
-  5000x2000 float64, 12x at 2000x500; with ``A`` a compile-time constant the
-  transpose is folded away and it looks fastest, a trap). Written out,
-  ``r @ A`` is also faster than what autodiff emits for the same
-  expression. SciPy's L-BFGS-B gets the written-out ``A.T @ r`` (numpy's
-  BLAS reads the transpose in place).
-  """
-  @jax.custom_jvp
-  def fun(x):
-    r = A @ x - b
-    return 0.5 * jnp.vdot(r, r)
-
-  @fun.defjvp
-  def fun_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    r = A @ x - b
-    return 0.5 * jnp.vdot(r, r), jnp.vdot(r @ A, dx)
-
-  return fun
-
-
-def posconstr_solve(tol: float, maxiter: int, memory_size: int):
-  def solve(A, b):
-    fun = least_squares(A, b)
-    res = posconstr.minimize(fun, jnp.zeros(A.shape[1], A.dtype), lower=0.0,
-                             tol=tol, maxiter=maxiter,
-                             memory_size=memory_size)
-    return (res.params, res.num_iter, res.num_fun_evals, res.converged,
-            res.linesearch_failed.astype(jnp.int32)
-            + 2 * res.stalled.astype(jnp.int32))
-  return solve
-
-
-def posconstr_status(converged, stop) -> str:
-  """``stop``: 1 the line search failed twice, 2 stalled (see minimize)."""
-  return "converged" if converged else {
-      1: "linesearch failed", 2: "stalled"}.get(int(stop), "maxiter")
-
-
-def jaxopt_solve(tol: float, maxiter: int, memory_size: int):
-  import jaxopt  # pylint: disable=g-import-not-at-top
-
-  def fun(x, A, b):
-    r = A @ x - b
-    return 0.5 * jnp.vdot(r, r)
-
-  def solve(A, b):
-    n = A.shape[1]
-    abs_tol = tol * jnp.maximum(jnp.max(b @ A), 0.0)
-    solver = jaxopt.LBFGSB(fun=fun, tol=abs_tol, maxiter=maxiter,
-                           history_size=memory_size)
-    bounds = (jnp.zeros(n, A.dtype), jnp.full(n, jnp.inf, A.dtype))
-    res = solver.run(jnp.zeros(n, A.dtype), bounds, A, b)
-    st = res.state
-    return (res.params, st.iter_num, st.num_fun_eval, st.error <= abs_tol,
-            st.failed_linesearch)
-  return solve
-
-
-def jaxopt_status(converged, failed) -> str:
-  return "converged" if converged else (
-      "linesearch failed" if failed else "maxiter")
-
-
-def scipy_lbfgsb(A, b, tol: float, maxiter: int, memory_size: int):
-  n = A.shape[1]
-  gtol = tol * max(float(np.max(A.T @ b)), 0.0)
-
-  def fun_and_grad(x):
-    r = A @ x - b
-    return 0.5 * float(r @ r), A.T @ r
-
-  res = scipy.optimize.minimize(
-      fun_and_grad, np.zeros(n), jac=True, method="L-BFGS-B",
-      bounds=scipy.optimize.Bounds(np.zeros(n), np.full(n, np.inf)),
-      options=dict(maxcor=memory_size, ftol=0.0, gtol=gtol, maxiter=maxiter,
-                   maxfun=20 * maxiter))
-  return res
-
-
-def scipy_status(res) -> str:
-  msg = str(res.message)
-  for key, short in (("PROJECTED GRADIENT", "converged (pgtol)"),
-                     ("REDUCTION OF F", "no progress (ftol=0)"),
-                     ("ABNORMAL", "abnormal line search")):
-    if key in msg:
-      return short
-  return msg[:40]
-
-
-def scipy_nnls(A, b):
-  return scipy.optimize.nnls(A, b, maxiter=50 * A.shape[1])
-
-
-# ----------------------------------------------------------------------------
-# BLAS threads for numpy / scipy.
-
-
-class BlasThreads:
-  """Sets numpy's BLAS threads (threadpoolctl); no-op without it."""
-
-  def __init__(self):
-    try:
-      from threadpoolctl import ThreadpoolController  # pylint: disable=g-import-not-at-top
-      self._ctl = ThreadpoolController()
-      blas = [d for d in self._ctl.info() if d.get("user_api") == "blas"]
-      self.default = max([d["num_threads"] for d in blas] or [1])
-    except Exception:  # pylint: disable=broad-except
-      self._ctl, self.default = None, None
-
-  def limit(self, n: Optional[int]):
-    if self._ctl is None or not n:
-      return _NullContext()
-    return self._ctl.limit(limits=n, user_api="blas")
-
-
-class _NullContext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
-
-
-def choose_blas_threads(setting: str, blas: BlasThreads, run_scipy, repeats=3):
-  """Thread count for the scipy methods, and the calibration timings."""
-  if blas.default is None:
-    return None, {}
-  if setting != "best":
-    n = int(setting)
-    return (n or blas.default), {}
-  candidates = sorted({1, blas.default})
-  if len(candidates) == 1:
-    return candidates[0], {}
-  times = {n: [] for n in candidates}
-  for _ in range(repeats):
-    for n in candidates:
-      with blas.limit(n):
-        t0 = time.perf_counter()
-        run_scipy()
-        times[n].append(time.perf_counter() - t0)
-  med = {n: float(np.median(t)) for n, t in times.items()}
-  return min(med, key=med.get), {str(n): v for n, v in med.items()}
-
-
-# ----------------------------------------------------------------------------
-# Memory bandwidth.
-
-
-def measure_bandwidth(quick: bool, blas: BlasThreads) -> Dict[str, Any]:
-  """Bytes/s of a numpy copy and of ``(A x) A`` passes (jitted and numpy)."""
-  m, n = (4000, 2000) if quick else (5000, 4000)  # 64 / 160 MB > 32 MB L3.
-  A = np.random.default_rng(0).standard_normal((m, n))
-  x = np.ones(n)
-  Aj, xj = jnp.asarray(A), jnp.asarray(x)
-  pass_bytes = 2 * A.nbytes
-  # (A x) A, not A.T @ (A x): on XLA:CPU the explicit transpose is 5-15x
-  # slower (it is not folded into the dot); autodiff's vjp emits r @ A.
-  gemv_pass = jax.jit(lambda A, x: (A @ x) @ A)
-  compiled, _ = _timing.compile_timed(gemv_pass, Aj, xj)
-  fns = {"jax (Ax)A": lambda: compiled(Aj, xj)}
-  thread_counts = sorted({1, blas.default or 1})
-  for k in thread_counts:
-    def numpy_pass(k=k):
-      with blas.limit(k):
-        return (A @ x) @ A
-    fns[f"numpy (Ax)A {k} thr"] = numpy_pass
-  times = _timing.interleaved_times(fns, repeats=5 if quick else 15, warmup=1)
-  out = {"matrix": f"{m}x{n} float64 ({_timing.fmt_bytes(A.nbytes)})",
-         "copy": _timing.copy_bandwidth((64 if quick else 256) * 2**20,
-                                        repeats=5 if quick else 11)}
-  for name, t in times.items():
-    out[name] = pass_bytes / float(np.median(t))
-  out["best"] = max(v for k, v in out.items() if isinstance(v, float))
-  return out
-
-
-def eval_callables(A, b):
-  """Callables doing ``k`` f+grad evaluations (jitted loop; numpy), and ``k``.
-
-  The JAX one is a ``fori_loop`` of ``k`` chained evaluations: what an
-  evaluation costs inside ``minimize``'s while loop, without dispatch; for a
-  batch, one vmapped evaluation of all problems. They are timed in the same
-  interleaved rounds as the solvers (same machine conditions).
-  """
-  batched = A.ndim == 3
-  Aj, bj = jnp.asarray(A), jnp.asarray(b)
-  x = np.full(A.shape[:-2] + A.shape[-1:], 0.1)
-  xj = jnp.asarray(x)
-
-  def fun(x, A, b):
-    return least_squares(A, b)(x)
-  vg = jax.value_and_grad(fun)
-  if batched:
-    vg = jax.vmap(vg)
-  k = int(np.clip(20e-3 / (2 * A.nbytes / 1e10), 3, 1000))  # ~20 ms a call
-
-  def chained(x, A, b):
-    def body(_, carry):
-      x, acc = carry
-      v, g = vg(x, A, b)
-      return x - 1e-12 * g, acc + v
-    return jax.lax.fori_loop(0, k, body, (x, jnp.zeros(x.shape[:-1])))
-  compiled, _ = _timing.compile_timed(jax.jit(chained), xj, Aj, bj)
-
-  def numpy_evals():
-    for _ in range(k):
-      if batched:
-        r = (A @ x[:, :, None])[..., 0] - b
-        g = (r[:, None, :] @ A)[:, 0]
-      else:
-        g = A.T @ (A @ x - b)
-    return g
-  return {"jax": lambda: compiled(xj, Aj, bj), "numpy": numpy_evals}, k
 
 
 # ----------------------------------------------------------------------------
@@ -509,7 +242,7 @@ def run_problem(prob: Problem, args, blas: BlasThreads,
         "kkt": float(np.max(m["kkt"])),
         "kkt_rel": float(np.max(np.asarray(m["kkt"]) / np.asarray(m["pg0"]))),
         "min_x": m["min_x"],
-        "status": _status_summary(m["status"]),
+        "status": status_summary(m["status"]),
     }
     if "iters" in m:
       it = np.atleast_1d(m["iters"]).astype(float)
@@ -540,139 +273,6 @@ def _discard(fn):
   def call():
     fn()
   return call
-
-
-def _status_summary(statuses) -> str:
-  if isinstance(statuses, str):
-    return statuses
-  vals, counts = np.unique(np.asarray(statuses), return_counts=True)
-  if len(vals) == 1:
-    return str(vals[0])
-  return ", ".join(f"{c}x {v}" for v, c in zip(vals, counts))
-
-
-# ----------------------------------------------------------------------------
-# Reporting.
-
-
-def method_table(res) -> str:
-  batched = res["problem"] == "batch"
-  headers = ["method", "iters" + (" mean (max)" if batched else ""),
-             "fev" + (" mean" if batched else ""), "fev/iter",
-             "time" + (" (batch)" if batched else ""), "[q1, q3]",
-             f"vs {BASELINE}", "compile", "gap" + (" (worst)" if batched else ""),
-             "KKT" + (" (worst)" if batched else ""), "min x", "status"]
-  rows = []
-  for name, r in res["methods"].items():
-    if "failed" in r:
-      rows.append([name] + ["-"] * 10 + [f"FAILED: {r['failed'][:60]}"])
-      continue
-    t = r["time"]
-    if "iters_mean" in r:
-      iters = (f"{r['iters_mean']:.1f} ({r['iters_max']:.0f})" if batched
-               else f"{r['iters_mean']:.0f}")
-      fev = f"{r['fev_mean']:.1f}" if batched else f"{r['fev_mean']:.0f}"
-      fpi = f"{r['fev_per_iter']:.2f}"
-    else:
-      iters = fev = fpi = "-"
-    vs = r.get("vs_baseline")
-    rows.append([
-        name, iters, fev, fpi,
-        _timing.fmt_time(t["median_s"]) if t else "-",
-        (f"[{_timing.fmt_time(t['q1_s'])}, {_timing.fmt_time(t['q3_s'])}]"
-         if t and t["n"] > 1 else ("(1 run)" if t else "-")),
-        _timing.fmt_ratio(vs["median"], 2) if vs else "-",
-        _timing.fmt_time(r["compile_s"]) if r["compile_s"] else "-",
-        f"{r['gap_rel']:+.1e}", f"{r['kkt']:.1e}", f"{r['min_x']:.1e}",
-        r["status"]])
-  return _timing.markdown_table(headers, rows,
-                                align=["l"] + ["r"] * 10 + ["l"])
-
-
-def floor_rows(res, bandwidth: float):
-  """posconstr vs its floors (DRAM bandwidth, measured eval time)."""
-  r = res["methods"].get(PC)
-  if not r or "failed" in r or not r.get("time"):
-    return None
-  batched = res["problem"] == "batch"
-  per_a = res["A_bytes"] / (res["shape"][0] if batched else 1)
-  fev_total = r["fev_total"]
-  t = r["time"]["median_s"]
-  floor_bw = fev_total * 2 * per_a / bandwidth
-  eval_jax = res["eval_s"]["jax"]
-  # Batched: one vmapped evaluation covers all lanes; at least max(fev) of them.
-  n_evals = r["fev_max"] if batched else fev_total
-  floor_eval = n_evals * eval_jax
-  iters = r["iters_max"] if batched else r["iters_mean"]
-  krylov = res.get("krylov", {})
-  scipy_t = (res["methods"].get(SCIPY_LB, {}).get("time") or {}).get(
-      "median_s")
-  oracle = {}
-  if krylov and scipy_t:
-    oracle = {"cg_evals": krylov["cg_evals"],
-              "cg_time_s": krylov["cg_evals"] * eval_jax,
-              "cg_vs_scipy": krylov["cg_evals"] * eval_jax / scipy_t}
-  return {**oracle,"fev": fev_total, "bytes_per_fev": 2 * per_a,
-          "other_per_iter_s": (t - floor_eval) / max(iters, 1),
-          "floor_bw_s": floor_bw, "ratio_bw": t / floor_bw,
-          "eval_jax_s": eval_jax, "eval_numpy_s": res["eval_s"]["numpy"],
-          "floor_eval_s": floor_eval, "ratio_eval": t / floor_eval,
-          "time_s": t}
-
-
-def floor_table(results, bandwidth) -> str:
-  headers = ["problem", "fev", "bytes/fev", "BW floor", "time", "time/floor",
-             "1 eval jax", "1 eval numpy", "evals x eval", "time/(evals x eval)",
-             "rest/iter", "CG oracle fev", "CG oracle vs scipy L-BFGS-B"]
-  rows = []
-  for res in results:
-    f = res.get("floor")
-    if not f:
-      continue
-    rows.append([res["problem"], f"{f['fev']:.0f}",
-                 _timing.fmt_bytes(f["bytes_per_fev"]),
-                 _timing.fmt_time(f["floor_bw_s"]), _timing.fmt_time(f["time_s"]),
-                 _timing.fmt_ratio(f["ratio_bw"], 1),
-                 _timing.fmt_time(f["eval_jax_s"]),
-                 _timing.fmt_time(f["eval_numpy_s"]),
-                 _timing.fmt_time(f["floor_eval_s"]),
-                 _timing.fmt_ratio(f["ratio_eval"], 1),
-                 _timing.fmt_time(f["other_per_iter_s"]),
-                 f"{f['cg_evals']}" if "cg_evals" in f else "-",
-                 _timing.fmt_ratio(f["cg_vs_scipy"], 2)
-                 if "cg_vs_scipy" in f else "-"])
-  return _timing.markdown_table(headers, rows)
-
-
-def targets(results) -> List[Dict[str, Any]]:
-  out = []
-  by = {r["problem"]: r for r in results}
-  fpis = {p: r["methods"][PC]["fev_per_iter"] for p, r in by.items()
-          if "fev_per_iter" in r["methods"].get(PC, {})}
-  if fpis:
-    worst = max(fpis, key=fpis.get)
-    out.append({"target": "posconstr fev/iter <= 1.3", "value": fpis[worst],
-                "where": f"worst: {worst}", "met": fpis[worst] <= 1.3,
-                "all": fpis})
-
-  def ratio(problem, name, base):
-    r = by.get(problem)
-    if not r or name not in r["methods"] or base not in r["methods"]:
-      return None
-    a, b = r["methods"][name], r["methods"][base]
-    if "failed" in a or "failed" in b or not a.get("times_s") or not b.get(
-        "times_s"):
-      return None
-    return _timing.paired_ratio(a["times_s"], b["times_s"])["median"]
-
-  for problem, base, bound in (("5000x2000", SCIPY_LB, 0.6),
-                               ("batch", SCIPY_LB, 0.3),
-                               ("batch", SCIPY_NNLS, 1.0)):
-    v = ratio(problem, PC, base)
-    if v is not None:
-      out.append({"target": f"{problem}: posconstr <= {bound}x {base}",
-                  "value": v, "where": problem, "met": v <= bound})
-  return out
 
 
 # ----------------------------------------------------------------------------
