@@ -133,11 +133,12 @@ def minimize(fun: Callable[[Any], jax.Array], x0, lower=None, upper=None, *,
   of the last ``nonmonotone_window`` values (Grippo, Lampariello & Lucidi,
   SIAM J. Numer. Anal. 23(4), 1986), which spares backtracking where a
   unit quasi-Newton step overshoots a little (on NNLS of digits, 10% fewer
-  evaluations than the monotone test). Where the Armijo test drowns in rounding (the decrease it asks
-  for is below ``16 eps |f|``), a step is accepted on the gradient's
-  evidence instead (an approximate Wolfe test), so the projected gradient
-  keeps falling after ``f`` has run out of digits. The whole solve is one
-  ``lax.while_loop``: jittable, and vmappable over a batch of problems. Pytrees are handled leaf by leaf
+  evaluations than the monotone test). Where the Armijo test drowns in
+  rounding (the decrease it asks for is below ``16 eps |f|``), a step is
+  accepted on the gradient's evidence instead (an approximate Wolfe test),
+  so the projected gradient keeps falling after ``f`` has run out of
+  digits. The whole solve is one ``lax.while_loop``: jittable, and
+  vmappable over a batch of problems. Pytrees are handled leaf by leaf
   (leaves may have different dtypes).
 
   Stops when :math:`\|x - P(x - \nabla f(x))\|_\infty \le

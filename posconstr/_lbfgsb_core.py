@@ -124,9 +124,8 @@ def push_pair(memory: Memory, s, y, keep=True) -> Memory:
   """Adds ``(s, y)`` in front unless its curvature ``s^T y`` is too small.
 
   ``keep`` False (a traced bool) leaves the memory as it was. The buffers
-  shift by one slot with a select rather than a scatter: one fused pass that
-  needs no copy of the old buffers to serve the ``good`` test (and, under
-  vmap, finished lanes); such copies cost ~20% of a batched solve.
+  shift by one slot in one fused select between the old and the shifted
+  buffers, so the oldest pair drops off the end.
   """
   sy = tree_vdot(s, y)
   yy = tree_vdot(y, y)

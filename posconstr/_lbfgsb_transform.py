@@ -53,7 +53,8 @@ def lbfgsb(learning_rate: Optional[float] = None, memory_size: int = 10,
   search then see points that are not the iterates.
 
   With ``learning_rate=None`` (default) a backtracking Armijo search along
-  the projected path needs ``value``, ``grad`` and ``value_fn`` (extra
+  the projected path (monotone: unlike :func:`posconstr.minimize`, the
+  transform keeps no window of past values) needs ``value``, ``grad`` and ``value_fn`` (extra
   arguments of ``update`` are passed on to ``value_fn``), exactly like
   ``optax.lbfgs``; the function is only evaluated inside the bounds. Use
   ``optax.value_and_grad_from_state`` to reuse the value and gradient the
