@@ -189,6 +189,26 @@ def triangular_inverse(r):
   return inv / diag[None, :]
 
 
+def usable_pairs(memory: Memory, sy, yy, restricted: bool):
+  """Which pairs enter ``H``, and ``H0 = gamma I``.
+
+  ``sy``, ``yy``: each pair's ``s^T y`` and ``y^T y`` (``(m,)``, newest
+  first). Unrestricted, the stored pairs and ``gamma`` (``push_pair``
+  checked them). Restricted to a free set, pairs whose reduced curvature is
+  too small are left out and ``gamma`` comes from the newest pair kept,
+  else the stored one.
+  """
+  good = jnp.arange(memory.rho.shape[0]) < memory.count
+  if not restricted:
+    return good, memory.gamma
+  eps = jnp.finfo(memory.rho.dtype).eps
+  good = good & (sy > eps * yy) & (yy > 0)
+  newest = jnp.argmax(good)
+  return good, jnp.where(jnp.any(good),
+                         sy[newest] / jnp.where(good, yy, 1)[newest],
+                         memory.gamma)
+
+
 def compact_inverse_hessian(memory: Memory, q, free=None):
   """``H q`` for the L-BFGS inverse Hessian, in compact form.
 
@@ -209,20 +229,9 @@ def compact_inverse_hessian(memory: Memory, q, free=None):
   """
   m = memory.rho.shape[0]
   age = jnp.arange(m)  # 0 for the newest pair
-  valid = age < memory.count
   sy, yy = pair_grams(memory, free)
   sy_d, yy_d = jnp.diagonal(sy), jnp.diagonal(yy)
-  if free is None:
-    good = valid
-    gamma = memory.gamma
-  else:
-    eps = jnp.finfo(memory.rho.dtype).eps
-    good = valid & (sy_d > eps * yy_d) & (yy_d > 0)
-    # H0 from the newest pair with reduced curvature, else the given gamma.
-    newest = jnp.argmin(jnp.where(good, age, m))
-    gamma = jnp.where(jnp.any(good),
-                      sy_d[newest] / jnp.where(good, yy_d, 1)[newest],
-                      memory.gamma)
+  good, gamma = usable_pairs(memory, sy_d, yy_d, restricted=free is not None)
   dtype = sy.dtype
   gamma = gamma.astype(dtype)
   both = good[:, None] & good[None, :]
@@ -284,14 +293,8 @@ def two_loop_inverse_hessian(memory: Memory, q, free=None):
     return sum(jnp.vdot(x, y).astype(dtype) for x, y in zip(a, b))
 
   sy, yy = pair_sums(ss, ys), pair_sums(ys, ys)
-  good = jnp.arange(m) < memory.count
-  gamma = memory.gamma.astype(dtype)
-  if free is not None:
-    eps = jnp.finfo(memory.rho.dtype).eps
-    good = good & (sy > eps * yy) & (yy > 0)
-    newest = jnp.argmax(good)
-    gamma = jnp.where(jnp.any(good),
-                      sy[newest] / jnp.where(good, yy, 1)[newest], gamma)
+  good, gamma = usable_pairs(memory, sy, yy, restricted=free is not None)
+  gamma = gamma.astype(dtype)
   rho = jnp.where(good, 1 / jnp.where(good, sy, 1), 0)
 
   def axpy(a, xs, r):

@@ -40,8 +40,9 @@ def projected_backtracking(value_and_grad, x, value, g, d, lower, upper, *,
   With ``s = x(a) - x``, accepts the Armijo test ``f(x(a)) <= f_ref + c1
   <g, s>``, ``f_ref = max(f(x), reference)`` (``reference`` None: ``f(x)``;
   the largest of the last few values makes it the non-monotone test of
-  Grippo, Lampariello & Lucidi, SIAM J. Numer. Anal. 23(4), 1986), or, once that test is below f's precision, its noise-floor
-  version (the approximate Wolfe test of Hager & Zhang, SIAM J. Optim.
+  Grippo, Lampariello & Lucidi, SIAM J. Numer. Anal. 23(4), 1986), or,
+  once that test is below f's precision, its noise-floor version (the
+  approximate Wolfe test of Hager & Zhang, SIAM J. Optim.
   16(1), 2005): the predicted decrease ``-<g, s>`` is under ``100 noise``,
   ``f(x(a)) <= f(x) + noise`` (``noise = NOISE_ULPS eps |f(x)|``) and the
   slope at the trial is still at most ``0.8 |<g, s>|`` (``<g(x(a)), s> <=
