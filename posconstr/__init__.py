@@ -14,6 +14,7 @@ from posconstr._intervals import Box
 from posconstr._intervals import NonNegative
 from posconstr._lbfgsb import LbfgsbResult
 from posconstr._lbfgsb import minimize
+from posconstr._lbfgsb_step import Status
 from posconstr._lbfgsb_transform import LbfgsbState
 from posconstr._lbfgsb_transform import lbfgsb
 from posconstr._norms import MaxNorm
@@ -65,6 +66,7 @@ __all__ = (
     "Simplex",
     "Softplus",
     "Square",
+    "Status",
     "UnitNorm",
     "chain",
     "check_projection_last",

@@ -179,8 +179,12 @@ def cast_bound(bound, dtype, *, round_up: bool) -> jax.Array:
   else:
     wrong = back > wide
     direction = jnp.array(-jnp.inf, dtype)
-  return jnp.where(wrong, jax.lax.nextafter(narrow, direction * jnp.ones_like(narrow)),
-                   narrow)
+  # One ulp inwards, exactly (adjacent floats subtract and add exactly),
+  # with the derivative of the identity: a bound's rounding does not stop
+  # hypergradients (nextafter itself has no derivative rule).
+  fixed = jax.lax.stop_gradient(narrow)
+  ulp = jax.lax.nextafter(fixed, direction * jnp.ones_like(fixed)) - fixed
+  return jnp.where(wrong, narrow + ulp, narrow)
 
 
 def safe_norm(x: jax.Array, axes, keepdims: bool = True) -> jax.Array:

@@ -12,8 +12,9 @@ import numpy as np
 
 from posconstr import _bound_trees
 from posconstr import _constraint
+from posconstr import _implicit as implicit
 from posconstr import _lbfgsb_core as core
-from posconstr import _lbfgsb_search as search_lib
+from posconstr import _lbfgsb_step as step_lib
 from posconstr import _paths
 
 
@@ -26,6 +27,11 @@ def check_options(owner: str, *, ints=(), reals=(), nonnegative=True) -> None:
   is negative or NaN.
   """
   for name, value in ints:
+    if not _constraint.is_concrete(value):
+      if jnp.issubdtype(value.dtype, jnp.integer) and not jnp.ndim(value):
+        continue  # A traced int: checked where it is used.
+      raise TypeError(f"{owner}: `{name}` must be an int, got a traced "
+                      f"{value.dtype} of shape {jnp.shape(value)}.")
     try:
       operator.index(value)
     except TypeError:
@@ -64,7 +70,7 @@ def _require_floating(x0) -> None:
   paths, leaves, _ = _paths.leaves_with_paths(x0)
   for path, leaf in zip(paths, leaves):
     dtype = _paths.leaf_dtype(leaf)
-    if not jnp.issubdtype(dtype, jnp.inexact):
+    if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
           f"minimize: `x0` leaf {_paths.shown(path, 'x0')!r} has dtype "
           f"{dtype}; only floating-point leaves can be optimized (e.g. "
@@ -76,20 +82,14 @@ class LbfgsbResult(NamedTuple):
 
   Attributes:
     params: the solution, within the bounds bit for bit.
-    value: ``fun(params)``.
+    value: ``fun(params, *args)``.
     grad: the gradient at ``params``.
     projected_grad_norm: ``||params - P(params - grad)||_inf`` (0 at a KKT
-      point).
+      point), measured from ``grad`` itself (not rounded away where
+      ``|grad|`` is below an ulp of ``params``).
     num_iter: iterations taken.
     num_fun_evals: evaluations of ``fun`` (with its gradient).
-    converged: whether the stopping test held.
-    linesearch_failed: whether the solve stopped because no step, not even
-      along the scaled projected gradient, decreased ``fun`` (typically at
-      the limit of floating-point precision).
-    stalled: whether the solve stopped because ``stall_iters`` iterations
-      in a row made no measurable progress: ``fun`` fell by no more than its
-      rounding noise and the projected gradient did not halve. The point is
-      then as good as the precision of ``fun`` allows; ``tol`` was tighter.
+    status: why the solve stopped, a :class:`Status` code (int32).
   """
 
   params: Any
@@ -98,71 +98,175 @@ class LbfgsbResult(NamedTuple):
   projected_grad_norm: jax.Array
   num_iter: jax.Array
   num_fun_evals: jax.Array
-  converged: jax.Array
-  linesearch_failed: jax.Array
-  stalled: jax.Array
+  status: jax.Array
+
+  @property
+  def converged(self) -> jax.Array:
+    """``status == Status.CONVERGED``."""
+    return self.status == step_lib.Status.CONVERGED
+
+  @property
+  def linesearch_failed(self) -> jax.Array:
+    """``status == Status.LINESEARCH_FAILED``."""
+    return self.status == step_lib.Status.LINESEARCH_FAILED
+
+  @property
+  def stalled(self) -> jax.Array:
+    """``status == Status.STALLED``."""
+    return self.status == step_lib.Status.STALLED
 
 
-class _Carry(NamedTuple):
-  x: Any
-  value: jax.Array
-  grad: Any
-  memory: core.Memory
-  num_iter: jax.Array
-  num_evals: jax.Array
-  pg_norm: jax.Array
-  converged: jax.Array
-  failed: jax.Array
-  pg_ref: jax.Array  # the projected gradient when progress was last made
-  stall: jax.Array  # iterations since then
-  recent: jax.Array  # the last `nonmonotone_window` values, for the search
+class _Static(NamedTuple):
+  memory_size: int
 
 
-def minimize(fun: Callable[[Any], jax.Array], x0, lower=None, upper=None, *,
-             maxiter: int = 500, tol: float = 1e-8, atol: float = 0.0,
-             memory_size: int = 10, max_linesearch_steps: int = 20,
-             eps_active: float = 1e-3, stall_iters: int = 15,
-             nonmonotone_window: int = 10) -> LbfgsbResult:
-  r"""Minimizes ``fun`` subject to ``lower <= x <= upper`` by bounded L-BFGS.
+def _run(fun, static: _Static, x0, lower, upper, args, settings, maxiter):
+  """The whole solve: ``start``, then ``advance`` in a ``while_loop``."""
+  value_and_grad = jax.value_and_grad(lambda x: fun(x, *args))
+  infeasible = [lo > hi for lo, hi in zip(jax.tree.leaves(lower),
+                                          jax.tree.leaves(upper))]
+  any_infeasible = jnp.any(jnp.stack([jnp.any(b) for b in infeasible]
+                                     or [jnp.zeros((), bool)]))
+  x = core.clip(x0, lower, upper)
+  value, grad = value_and_grad(x)
+  state = step_lib.start(x, value, grad, lower, upper, settings,
+                         memory_size=static.memory_size)
+  state = state._replace(status=jnp.where(
+      any_infeasible, step_lib.Status.INFEASIBLE, state.status))
 
-  The two-metric projected quasi-Newton method described in
-  ``posconstr._lbfgsb_core``: L-BFGS curvature on the free variables, the
-  epsilon-active set handled by a diagonal metric, and a backtracking Armijo
-  search along the projected path, so ``fun`` is only ever evaluated inside
-  the bounds. The Armijo test is non-monotone: it compares with the largest
-  of the last ``nonmonotone_window`` values (Grippo, Lampariello & Lucidi,
-  SIAM J. Numer. Anal. 23(4), 1986), which spares backtracking where a
-  unit quasi-Newton step overshoots a little (on NNLS of digits, 10% fewer
-  evaluations than the monotone test). Where the Armijo test drowns in
-  rounding (the decrease it asks for is below ``16 eps |f|``), a step is
-  accepted on the gradient's evidence instead (an approximate Wolfe test),
-  so the projected gradient keeps falling after ``f`` has run out of
-  digits. The whole solve is one ``lax.while_loop``: jittable, and
-  vmappable over a batch of problems. Pytrees are handled leaf by leaf
-  (leaves may have different dtypes).
+  def cond(s: step_lib.SolverState):
+    return (s.status == step_lib.Status.RUNNING) & (s.num_iter < maxiter)
 
-  Stops when :math:`\|x - P(x - \nabla f(x))\|_\infty \le
-  \max(\mathrm{atol}, \mathrm{tol} \cdot \|x_0 - P(x_0 - \nabla f(x_0))\|_\infty)`,
-  after ``maxiter`` iterations, when the line search fails twice in a row
-  (``linesearch_failed``), or when ``stall_iters`` iterations in a row make
-  no measurable progress (``stalled``: ``fun`` fell by at most
-  ``16 eps |f|`` and the projected gradient did not halve). The last two
-  mean ``tol`` is below what the precision of ``fun`` allows; ``converged``
-  is then False. In float64 ``tol=1e-10`` is reachable on well-posed
-  problems; in float32 use ``tol`` around ``1e-4`` (tighter, the solve
-  usually ends ``stalled`` a few iterations after the float32 floor, at a
-  point as good as float32 allows).
+  def body(s: step_lib.SolverState):
+    return step_lib.advance(s, value_and_grad, lower, upper, settings)[0]
+
+  s = jax.lax.while_loop(cond, body, state)
+  status = jnp.where(s.status == step_lib.Status.RUNNING,
+                     step_lib.Status.MAX_ITERATIONS, s.status)
+  # An empty box has no solution: its coordinates come back NaN.
+  params = jax.tree.map(
+      lambda xi, bad: jnp.where(bad, jnp.full((), jnp.nan, xi.dtype), xi),
+      s.x, jax.tree.unflatten(jax.tree.structure(s.x), infeasible))
+  return LbfgsbResult(params, s.value, s.grad, s.projected_grad_norm,
+                      s.num_iter, s.num_fun_evals, status.astype(jnp.int32))
+
+
+_solve = jax.custom_jvp(_run, nondiff_argnums=(0, 1))
+
+
+@_solve.defjvp
+def _solve_jvp(fun, static, primals, tangents):
+  x0, lower, upper, args, settings, maxiter = primals
+  _, dlower, dupper, dargs, _, _ = tangents
+  result = _solve(fun, static, x0, lower, upper, args, settings, maxiter)
+  dx = implicit.solution_tangent(jax.grad(fun), result.params, lower, upper,
+                                 args, dlower, dupper, dargs,
+                                 grad=result.grad)
+  _, (dvalue, dgrad) = jax.jvp(
+      lambda x, a: jax.value_and_grad(fun)(x, *a), (result.params, args),
+      (dx, dargs))
+
+  def no_tangent(v):
+    v = jnp.asarray(v)
+    if jnp.issubdtype(v.dtype, jnp.inexact):
+      return jnp.zeros_like(v)
+    return np.zeros(v.shape, jax.dtypes.float0)
+
+  out_tangent = jax.tree.map(no_tangent, result)._replace(
+      params=dx, value=dvalue.astype(result.value.dtype), grad=dgrad)
+  return result, out_tangent
+
+
+_solve_jit = jax.jit(_solve, static_argnums=(0, 1))
+
+
+def minimize(fun: Callable[..., jax.Array], x0, lower=None, upper=None, *,
+             args: tuple = (), maxiter: int = 500, tol: float = 1e-8,
+             atol: float = 0.0, ftol: float = 1e-9, memory_size: int = 10,
+             max_linesearch_steps: int = 20, eps_active: float = 1e-3,
+             stall_iters: int = 15, nonmonotone: float = 0.3
+             ) -> LbfgsbResult:
+  r"""Minimizes ``fun(x, *args)`` subject to ``lower <= x <= upper``.
+
+  **Method.** A two-metric projected quasi-Newton method (Bertsekas,
+  "Projected Newton methods for optimization problems with simple
+  constraints", SIAM J. Control Optim. 20(2), 1982; the projected
+  quasi-Newton family of Schmidt, Kim & Sra, "Projected Newton-type methods
+  in machine learning", 2011, and Kim, Sra & Dhillon, SIAM J. Sci. Comput.
+  2010): the L-BFGS inverse Hessian on the free variables, a diagonal
+  metric on the epsilon-active set (coordinates at a bound whose gradient
+  points out), and a search along the projected path ``P(x + a d)``, so
+  ``fun`` is only ever evaluated inside the bounds. It is *not* the
+  L-BFGS-B of Byrd, Lu, Nocedal & Zhu (1995) that SciPy wraps: that method
+  finds a generalized Cauchy point by a sequential scan over the sorted
+  breakpoints of the path and then minimizes a subspace model, which is a
+  data-dependent serial loop; the two-metric step is elementwise work plus
+  L-BFGS products of fixed shape, so it runs the same under ``jit``,
+  ``vmap`` and on accelerators, leaf by leaf on pytrees of mixed dtypes.
+
+  The search along the path is a Wolfe search (Armijo's decrease test and
+  the strong curvature test, bracketing and cubic zoom as Moré & Thuente's,
+  with extrapolation up to the last breakpoint, so a linear objective
+  reaches its vertex in one step). Its decrease test is non-monotone: it
+  compares with Zhang & Hager's mean of past values (SIAM J. Optim. 14(4),
+  2004) with weight ``nonmonotone``. Where ``f`` has run out of digits it
+  accepts a step on the gradient's evidence (an approximate Wolfe test),
+  so the projected gradient keeps falling. With no curvature pair yet (the
+  first step, or after a failed search), the first trial is the end of the
+  projected path, as SciPy's first Cauchy point on a box.
+
+  **Stopping.** ``status`` (a :class:`Status`) says why the solve stopped:
+
+  * ``CONVERGED`` when :math:`\|x - P(x - \nabla f(x))\|_\infty \le
+    \max(\mathrm{atol}, \mathrm{tol} \cdot g_0)`, :math:`g_0` that norm at
+    the start (the first finite one), *and* the quasi-Newton model predicts
+    that the next step would lower ``f`` by at most :math:`\max(\mathrm{ftol}
+    \max(|f|, 1), 16 \epsilon |f|)` (like SciPy's ``ftol``: relative, and
+    absolute below 1). The relative gradient test alone would call a point
+    converged whose gradient is small only compared with a huge one at a
+    far-away start; the second test keeps going while ``f`` can still fall.
+  * ``MAX_ITERATIONS`` after ``maxiter`` iterations.
+  * ``LINESEARCH_FAILED`` when no step, not even along the scaled projected
+    gradient, decreased ``fun``; ``STALLED`` when ``stall_iters`` iterations
+    in a row made no measurable progress (``fun`` fell by at most ``16 eps
+    |f|`` and the projected gradient did not halve). Both mean ``tol`` is
+    below what the precision of ``fun`` allows: in float64 ``tol=1e-10`` is
+    reachable on well-posed problems; in float32 use ``tol`` around
+    ``1e-4``.
+  * ``NONFINITE`` when the value or the gradient is NaN (an infinite
+    gradient component, as of ``sqrt`` at 0, is fine), ``INFEASIBLE`` when
+    traced bounds have ``lower > upper`` (those coordinates come back NaN).
+
+  **Derivatives.** The solution is differentiable in ``args`` and in the
+  bounds (``jax.grad``, ``jax.vjp``, ``jax.jvp``, under ``jit`` and
+  ``vmap``) by the implicit function theorem on its fixed point: active
+  coordinates follow their bound, free ones solve :math:`H_{FF}\, dx_F =
+  -(\partial_\theta \nabla_F f\, d\theta + H_{FA}\, dx_A)` by conjugate
+  gradients on Hessian-vector products (``posconstr._implicit``). ``value``
+  and ``grad`` get the matching tangents; ``x0`` has none. At a degenerate
+  point (a coordinate on its bound with zero gradient) the derivative is
+  the one-sided one that keeps it on the bound. Data must come in through
+  ``args`` (or the bounds) to be differentiated: values that ``fun`` closes
+  over are constants to the solve.
+
+  **Compilation.** The solve is compiled once per ``fun``, ``memory_size``
+  and argument shapes and dtypes; every other option
+  may change (or be traced) without recompiling. In a Python loop pass the
+  same ``fun`` and put what changes in ``args``: a new ``lambda`` per call
+  compiles anew every time.
 
   Args:
-    fun: scalar function of a pytree ``x``, differentiable with
-      ``jax.value_and_grad``.
+    fun: scalar function ``fun(x, *args)`` of a pytree ``x``,
+      differentiable with ``jax.value_and_grad``.
     x0: starting point; projected onto the bounds first (it need not be
       feasible).
     lower: None, a scalar, or a pytree prefix of ``x0`` of scalars/arrays.
     upper: as ``lower``.
+    args: extra arguments of ``fun``, a tuple of pytrees.
     maxiter: maximum number of iterations.
     tol: relative projected-gradient tolerance (see above).
     atol: absolute projected-gradient tolerance.
+    ftol: relative tolerance on the decrease the model still predicts.
     memory_size: number of curvature pairs kept.
     max_linesearch_steps: maximum function evaluations per line search.
     eps_active: the largest distance to a bound at which a coordinate can be
@@ -170,93 +274,75 @@ def minimize(fun: Callable[[Any], jax.Array], x0, lower=None, upper=None, *,
       ``||x - P(x - gamma grad)||_inf``, gamma the L-BFGS scaling).
     stall_iters: iterations without measurable progress after which the
       solve stops (see above).
-    nonmonotone_window: how many recent values the Armijo test may compare
-      with; 1 makes the search monotone. With more, ``value`` never exceeds
-      ``fun(x0)`` but may exceed the lowest value seen by what the window
-      allowed (when the solve stops on ``maxiter`` or ``stalled``).
+    nonmonotone: the weight ``eta`` in ``[0, 1]`` of past values in the
+      reference of the decrease test (0: monotone). With ``eta > 0``,
+      ``value`` never exceeds ``fun(x0)`` but may exceed the lowest value
+      seen (when the solve stops on ``maxiter`` or ``stalled``).
 
   Returns:
     A :class:`LbfgsbResult`.
 
   Raises:
-    ValueError: ``lower > upper`` somewhere, bounds that do not broadcast
-      to their leaf or whose tree does not match ``x0``, or bad options.
+    ValueError: concrete bounds with ``lower > upper`` somewhere, bounds
+      that do not broadcast to their leaf or whose tree does not match
+      ``x0``, or bad options.
+    TypeError: a non-callable ``fun``, non-float ``x0`` leaves, options of
+      the wrong type.
 
   Example:
-    >>> import jax.numpy as jnp, posconstr
+    >>> import jax, jax.numpy as jnp, posconstr
     >>> A = jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     >>> b = jnp.array([1.0, -1.0, 1.0])
-    >>> result = posconstr.minimize(lambda x: 0.5 * jnp.sum((A @ x - b) ** 2),
-    ...                             jnp.ones(2), lower=0.0)
-    >>> [round(float(v), 4) for v in result.params], bool(result.converged)
-    ([0.0, 0.0714], True)
+    >>> def lsq(x, A, b):
+    ...   return 0.5 * jnp.sum((A @ x - b) ** 2)
+    >>> result = posconstr.minimize(lsq, jnp.ones(2), lower=0.0, args=(A, b))
+    >>> [round(float(v), 4) for v in result.params]
+    [0.0, 0.0714]
+    >>> result.status == posconstr.Status.CONVERGED
+    Array(True, dtype=bool)
+    >>> db = jax.grad(lambda b: posconstr.minimize(
+    ...     lsq, jnp.ones(2), lower=0.0, args=(A, b)).params[1])(b)
+    >>> [round(float(v), 4) for v in db]  # (A_F^T A_F)^-1 A_F^T, F = {1}
+    [0.0357, 0.0714, 0.1071]
   """
   if not callable(fun):
     raise TypeError(f"minimize: `fun` must be callable, got {fun!r} of type "
                     f"{type(fun).__name__}.")
+  if not isinstance(args, tuple):
+    raise TypeError(f"minimize: `args` must be a tuple (of the extra "
+                    f"arguments of `fun`), got {type(args).__name__}.")
   check_options("minimize", ints=(
       ("maxiter", maxiter), ("memory_size", memory_size),
       ("max_linesearch_steps", max_linesearch_steps),
-      ("stall_iters", stall_iters),
-      ("nonmonotone_window", nonmonotone_window)), reals=(
-          ("tol", tol), ("atol", atol), ("eps_active", eps_active)))
-  if (int(maxiter) < 0 or int(memory_size) < 1
-      or int(max_linesearch_steps) < 1 or int(stall_iters) < 1
-      or int(nonmonotone_window) < 1):
-    raise ValueError(
-        f"minimize: need maxiter >= 0, memory_size >= 1, "
-        f"max_linesearch_steps >= 1, stall_iters >= 1 and "
-        f"nonmonotone_window >= 1, got maxiter={maxiter!r}, memory_size="
-        f"{memory_size!r}, max_linesearch_steps={max_linesearch_steps!r}, "
-        f"stall_iters={stall_iters!r}, nonmonotone_window="
-        f"{nonmonotone_window!r}.")
-  if not (tol >= 0 and atol >= 0):
-    raise ValueError(f"minimize: `tol` and `atol` must be >= 0, got "
-                     f"tol={tol!r}, atol={atol!r}.")
+      ("stall_iters", stall_iters)), reals=(
+          ("tol", tol), ("atol", atol), ("ftol", ftol),
+          ("eps_active", eps_active), ("nonmonotone", nonmonotone)))
+  if _constraint.is_concrete(nonmonotone) and not nonmonotone <= 1:
+    raise ValueError(f"minimize: `nonmonotone` must be in [0, 1], got "
+                     f"{nonmonotone!r}.")
+  concrete = [(n, v) for n, v in (
+      ("maxiter", maxiter), ("max_linesearch_steps", max_linesearch_steps),
+      ("stall_iters", stall_iters)) if _constraint.is_concrete(v)]
+  smallest = {"maxiter": 0, "max_linesearch_steps": 1, "stall_iters": 1}
+  for name, value in concrete:
+    if int(value) < smallest[name]:
+      raise ValueError(f"minimize: `{name}` must be >= {smallest[name]}, "
+                       f"got {value!r}.")
+  if not _constraint.is_concrete(memory_size):
+    raise TypeError("minimize: `memory_size` sets array shapes and must be "
+                    "a Python int, not a traced value.")
+  if int(memory_size) < 1:
+    raise ValueError(f"minimize: `memory_size` must be >= 1, got "
+                     f"{memory_size!r}.")
+  x0 = jax.tree.map(jnp.asarray, x0)  # Bounds are rounded in these dtypes.
   _require_floating(x0)
   lower, upper = prepare_bounds(x0, lower, upper, "minimize")
-  value_and_grad = jax.value_and_grad(fun)
-  x = core.clip(jax.tree.map(jnp.asarray, x0), lower, upper)
-  value, grad = value_and_grad(x)
-  pg0 = core.projected_gradient_norm(x, grad, lower, upper)
-  threshold = jnp.maximum(atol, tol * pg0)
-  memory = core.init_memory(x, memory_size, jnp.result_type(value))
-
-  def cond(c: _Carry):
-    return ((c.num_iter < maxiter) & ~c.converged & ~c.failed
-            & (c.stall < stall_iters))
-
-  def body(c: _Carry) -> _Carry:
-    d = core.direction(c.memory, c.x, c.grad, lower, upper, eps_active)
-    search = search_lib.projected_backtracking(
-        value_and_grad, c.x, c.value, c.grad, d, lower, upper,
-        max_steps=max_linesearch_steps, reference=jnp.max(c.recent))
-    ok = search.accepted
-    s = jax.tree.map(jnp.subtract, search.x, c.x)
-    y = jax.tree.map(jnp.subtract, search.grad, c.grad)
-    memory = core.reset_memory(core.push_pair(c.memory, s, y, keep=ok),
-                               where=~ok)
-    x = core.tree_where(ok, search.x, c.x)
-    grad = core.tree_where(ok, search.grad, c.grad)
-    value = jnp.where(ok, search.value, c.value)
-    pg = core.projected_gradient_norm(x, grad, lower, upper)
-    progress = ((value < c.value - search_lib.noise_level(c.value))
-                | (pg <= 0.5 * c.pg_ref))
-    return _Carry(x, value, grad, memory, c.num_iter + 1,
-                  c.num_evals + search.num_evals, pg, pg <= threshold,
-                  ~ok & (c.memory.count == 0),
-                  jnp.where(progress, jnp.minimum(pg, c.pg_ref), c.pg_ref),
-                  jnp.where(progress, 0, c.stall + 1),
-                  # A failed search restarts the window: the retry, along
-                  # the scaled gradient, is then monotone.
-                  jnp.where(ok, jnp.roll(c.recent, 1).at[0].set(value),
-                            jnp.full_like(c.recent, value)))
-
-  zero = jnp.zeros((), jnp.int32)
-  init = _Carry(x, value, grad, memory, zero, zero + 1, pg0, pg0 <= threshold,
-                jnp.zeros((), bool), pg0, zero,
-                jnp.full((int(nonmonotone_window),), value))
-  c = jax.lax.while_loop(cond, body, init)
-  return LbfgsbResult(c.x, c.value, c.grad, c.pg_norm, c.num_iter,
-                      c.num_evals, c.converged, c.failed,
-                      ~c.converged & (c.stall >= stall_iters))
+  settings = step_lib.Settings(tol, atol, ftol, eps_active,
+                               max_linesearch_steps, stall_iters, nonmonotone)
+  static = _Static(int(memory_size))
+  try:
+    hash(fun)
+    solve = _solve_jit
+  except TypeError:  # An unhashable callable cannot key the cache.
+    solve = _solve
+  return solve(fun, static, x0, lower, upper, args, settings, maxiter)

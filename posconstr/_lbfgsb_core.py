@@ -57,6 +57,11 @@ def tree_max_abs(a) -> jax.Array:
   return jnp.max(jnp.stack([p.astype(dtype) for p in parts]))
 
 
+def tree_any_nan(a) -> jax.Array:
+  parts = [jnp.any(jnp.isnan(x)) for x in jax.tree.leaves(a)]
+  return jnp.any(jnp.stack(parts)) if parts else jnp.zeros((), bool)
+
+
 def tree_axpy(alpha, x, y):
   """``alpha * x + y`` leaf by leaf, in each leaf's dtype."""
   return jax.tree.map(lambda a, b: (alpha * a).astype(b.dtype) + b, x, y)
@@ -79,9 +84,29 @@ def clip(x, lower, upper):
 
 
 def projected_gradient_norm(x, g, lower, upper) -> jax.Array:
-  """``||x - P(x - g)||_inf``: zero exactly at a KKT point."""
-  step = clip(jax.tree.map(jnp.subtract, x, g), lower, upper)
-  return tree_max_abs(jax.tree.map(jnp.subtract, x, step))
+  """``||x - P(x - g)||_inf``, zero exactly at a KKT point, computed from g.
+
+  Coordinate by coordinate ``min(|g|, distance to the bound that -g points
+  at)``: forming ``x - g`` first would round a gradient below half an ulp
+  of ``x`` to a projected gradient of 0. NaN in ``g`` gives NaN.
+  """
+  def leaf(xi, gi, lo, hi):
+    return jnp.where(gi > 0, jnp.minimum(gi, xi - lo),
+                     jnp.where(gi < 0, jnp.minimum(-gi, hi - xi),
+                               jnp.abs(gi)))
+  return tree_max_abs(jax.tree.map(leaf, x, g, lower, upper))
+
+
+def slope(g, s) -> jax.Array:
+  """``<g, s>`` with ``inf * 0 = 0``: an infinite gradient component along
+  which the step does not move contributes nothing."""
+  parts = [jnp.sum(jnp.where(si == 0, jnp.zeros((), jnp.result_type(gi, si)),
+                             gi * si))
+           for gi, si in zip(jax.tree.leaves(g), jax.tree.leaves(s))]
+  if not parts:
+    return jnp.zeros(())
+  dtype = jnp.result_type(*parts)
+  return sum(p.astype(dtype) for p in parts)
 
 
 def active_outward(x, g, lower, upper, eps):
@@ -358,25 +383,39 @@ def _two_loop_when_batched(axis_size, in_batched, memory, q, free=None):
   return out, jax.tree.map(lambda _: True, out)
 
 
-def direction(memory: Memory, x, g, lower, upper, eps_active: float):
-  """The two-metric projected quasi-Newton direction (see module doc)."""
+def direction(memory: Memory, x, g, lower, upper, eps_active):
+  """The two-metric projected quasi-Newton direction (see module doc).
+
+  Where some gradient component is infinite (e.g. ``sqrt`` at 0), the
+  direction is ``-sign(g)`` on those components and 0 elsewhere: a unit
+  step along what dominates.
+  """
+  infinite = jax.tree.map(jnp.isinf, g)
+  any_infinite = jnp.any(jnp.stack(
+      [jnp.any(i) for i in jax.tree.leaves(infinite)] or [jnp.zeros((), bool)]))
+  finite_g = jax.tree.map(
+      lambda gi, i: jnp.where(i, jnp.zeros((), gi.dtype), gi), g, infinite)
   dtype = memory.gamma.dtype
   tiny = jnp.finfo(dtype).tiny
   first = memory.count == 0
   # Active-set width in units of x: the gamma-scaled projected gradient
   # (before any pair, gamma makes the step at most 1 long).
-  gamma = jnp.where(first, 1 / jnp.maximum(tree_max_abs(g), tiny),
+  gamma = jnp.where(first, 1 / jnp.maximum(tree_max_abs(finite_g), tiny),
                     memory.gamma).astype(dtype)
-  width = projected_gradient_norm(x, tree_scale(gamma, g), lower, upper)
-  # NaN-safe minimum: an infinite gradient makes gamma 0 and the width NaN;
-  # the coordinate must still be held on its bound, as a projection would.
+  width = projected_gradient_norm(x, tree_scale(gamma, finite_g), lower, upper)
   eps = jnp.where(width < eps_active, width, eps_active)
-  active = active_outward(x, g, lower, upper, eps)
-  free_g = jax.tree.map(lambda gi, a: jnp.where(a, 0, gi), g, active)
-  gamma = jnp.where(first, 1 / jnp.maximum(tree_max_abs(free_g), tiny),
+  active = active_outward(x, finite_g, lower, upper, eps)
+  free_g = jax.tree.map(lambda gi, a: jnp.where(a, 0, gi), finite_g, active)
+  # Before any pair the first step is 1 long in the 2-norm (as SciPy's).
+  first_norm = jnp.sqrt(tree_vdot(free_g, free_g))
+  gamma = jnp.where(first, 1 / jnp.maximum(first_norm.astype(dtype), tiny),
                     gamma).astype(dtype)
   free = jax.tree.map(jnp.logical_not, active)
   hq = apply_inverse_hessian(memory._replace(gamma=gamma), free_g, free)
-  return jax.tree.map(
-      lambda h, gi, a: jnp.where(a, -gamma * gi, -h).astype(gi.dtype),
-      hq, g, active)
+
+  def leaf(h, gi, a, i, g_raw):
+    d = jnp.where(a, -gamma * gi, -h)
+    return jnp.where(any_infinite, jnp.where(i, -jnp.sign(g_raw), 0),
+                     d).astype(gi.dtype)
+
+  return jax.tree.map(leaf, hq, finite_g, active, infinite, g)

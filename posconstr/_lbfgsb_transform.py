@@ -8,14 +8,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from posconstr import _constraint
 from posconstr import _landing
 from posconstr import _lbfgsb
 from posconstr import _lbfgsb_core as core
-from posconstr import _lbfgsb_search as search_lib
+from posconstr import _lbfgsb_step as step_lib
 
 
 class LbfgsbInfo(NamedTuple):
-  """Diagnostics of the last step."""
+  """Diagnostics of the last update.
+
+  Attributes:
+    num_fun_evals: evaluations of ``value_fn`` in the last update.
+    linesearch_accepted: whether the last update's search found a step
+      (always True with a fixed ``learning_rate``).
+    projected_grad_norm: ``||x - P(x - grad)||_inf`` at the point the last
+      update moved to (with a fixed ``learning_rate``: at the params it was
+      given, whose gradient it had).
+  """
 
   num_fun_evals: jax.Array
   linesearch_accepted: jax.Array
@@ -25,56 +35,105 @@ class LbfgsbInfo(NamedTuple):
 class LbfgsbState(NamedTuple):
   """State of :func:`lbfgsb`.
 
-  ``value`` and ``grad`` are those of the point the last update moves to
-  (within the bounds), so ``optax.value_and_grad_from_state`` reuses them
-  instead of evaluating the function again; before the first step, and in
-  fixed-step mode, ``value`` is ``inf`` and they are recomputed.
+  ``solver`` is the state of the shared bounded L-BFGS iteration (that of
+  :func:`posconstr.minimize`). Its ``value`` and ``grad`` are those of the
+  point the last update moved to (within the bounds), so
+  ``optax.value_and_grad_from_state`` reuses them instead of evaluating the
+  function again; before the first update, and with a fixed learning rate,
+  ``value`` is ``inf`` and they are recomputed. ``status`` (a
+  :class:`posconstr.Status`) is ``RUNNING`` until the stopping test of
+  :func:`posconstr.minimize` holds; from then on updates are zero and cost
+  no evaluation.
   """
 
   count: jax.Array
-  memory: core.Memory
-  prev_params: Any
-  prev_grad: Any
-  value: jax.Array
-  grad: Any
+  solver: step_lib.SolverState
   info: LbfgsbInfo
 
+  @property
+  def status(self) -> jax.Array:
+    """``solver.status``: a :class:`posconstr.Status` code."""
+    return self.solver.status
 
-def lbfgsb(learning_rate: Optional[float] = None, memory_size: int = 10,
-           lower=None, upper=None, *, max_linesearch_steps: int = 20,
-           eps_active: float = 1e-3) -> optax.GradientTransformationExtraArgs:
+  @property
+  def value(self) -> jax.Array:
+    """``solver.value``: the value at the point the last update moved to."""
+    return self.solver.value
+
+  @property
+  def grad(self):
+    """``solver.grad``: the gradient there."""
+    return self.solver.grad
+
+
+def _strong(tree):
+  """Leaves as strongly typed arrays (the state's types must not drift)."""
+  return jax.tree.map(lambda v: jnp.asarray(v).astype(jnp.asarray(v).dtype),
+                      tree)
+
+
+def _all_equal(a, b) -> jax.Array:
+  parts = [jnp.all(x == y) for x, y in zip(jax.tree.leaves(a),
+                                          jax.tree.leaves(b))]
+  return jnp.all(jnp.stack(parts)) if parts else jnp.ones((), bool)
+
+
+def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
+           memory_size: int = 10, lower=None, upper=None, *,
+           max_linesearch_steps: int = 20, eps_active: float = 1e-3,
+           tol: float = 1e-8, atol: float = 0.0, ftol: float = 1e-9,
+           stall_iters: int = 15, nonmonotone: float = 0.3
+           ) -> optax.GradientTransformationExtraArgs:
   r"""Bounded L-BFGS in the style of ``optax.lbfgs``.
 
-  Each update takes a projected quasi-Newton step (see
-  :func:`posconstr.minimize` for the method) and returns the update that
-  lands *exactly* on the new point: ``optax.apply_updates`` gives parameters
-  within ``[lower, upper]`` bit for bit. Clipping after ``optax.lbfgs``
-  instead stalls or diverges, because the curvature pairs and the line
-  search then see points that are not the iterates.
+  Each update takes one iteration of :func:`posconstr.minimize` (the same
+  code: direction, search along the projected path, curvature memory and
+  stopping tests) and returns the update that lands *exactly* on the new
+  point: ``optax.apply_updates`` gives parameters within ``[lower, upper]``
+  bit for bit. Clipping after ``optax.lbfgs`` instead stalls or diverges,
+  because the curvature pairs and the line search then see points that are
+  not the iterates.
 
-  With ``learning_rate=None`` (default) a backtracking Armijo search along
-  the projected path (monotone: unlike :func:`posconstr.minimize`, the
-  transform keeps no window of past values) needs ``value``, ``grad`` and ``value_fn`` (extra
-  arguments of ``update`` are passed on to ``value_fn``), exactly like
-  ``optax.lbfgs``; the function is only evaluated inside the bounds. Use
-  ``optax.value_and_grad_from_state`` to reuse the value and gradient the
-  search already computed. With a ``learning_rate`` the step is
-  ``P(x + lr d)`` without a search.
+  With ``learning_rate=None`` (default) the line search needs ``value``,
+  ``grad`` and ``value_fn`` (extra arguments of ``update`` are passed on to
+  ``value_fn``), exactly like ``optax.lbfgs``; the function is only
+  evaluated inside the bounds. Use ``optax.value_and_grad_from_state`` to
+  reuse the value and gradient the search already computed. Params that
+  are not where the last update put them (the first update, infeasible
+  params, params changed by hand) restart the iteration there, and are
+  evaluated again if they had to be projected, so the state never holds the
+  value of an unprojected point. A ``value`` or ``grad`` that differs from
+  the stored one at the same point (a new mini-batch) replaces it, keeping
+  the curvature memory.
+
+  Once the stopping test holds (``state.status`` is no longer ``RUNNING``)
+  the updates are zero and no evaluation is made. A NaN value or gradient
+  makes ``status`` ``NONFINITE`` and the updates NaN, as in
+  ``optax.lbfgs``: wrap the optimizer in ``optax.apply_if_finite`` to skip
+  such steps instead.
+
+  With a ``learning_rate`` (a float or schedule) the step is ``P(x + lr d)``
+  without a search; the gradient at the new point arrives with the next
+  update, which then stores the curvature pair. A gradient with an infinite
+  component then also gives NaN updates (with a search, as in
+  :func:`posconstr.minimize`, it gives a unit step along its sign, which
+  the search checks).
 
   Only full-batch (deterministic) objectives are supported in the sense of
   a convergence guarantee. Stochastic (mini-batch) L-BFGS with bounds has no
-  established convergence theory, and posconstr does not claim one: with
-  mini-batches the curvature pairs and the line search see a different
-  function at every step, and nothing here corrects for that.
+  established convergence theory, and posconstr does not claim one.
 
   Args:
-    learning_rate: None for the line search, or a fixed step size.
+    learning_rate: None for the line search, or a fixed step size or
+      schedule.
     memory_size: number of curvature pairs kept.
     lower: None, a scalar, or a pytree prefix of the params.
     upper: as ``lower``.
     max_linesearch_steps: maximum function evaluations per step.
     eps_active: the largest distance to a bound at which a coordinate can
       be held by the active set.
+    tol, atol, ftol, stall_iters, nonmonotone: the stopping tests and the
+      search, as in :func:`posconstr.minimize`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`LbfgsbState`.
@@ -95,78 +154,144 @@ def lbfgsb(learning_rate: Optional[float] = None, memory_size: int = 10,
     ...   x = optax.apply_updates(x, updates)
     >>> [round(float(v), 4) for v in x]
     [0.0, 0.0714]
+    >>> state.status == posconstr.Status.CONVERGED
+    Array(True, dtype=bool)
   """
   _lbfgsb.check_options("lbfgsb", ints=(
       ("memory_size", memory_size),
-      ("max_linesearch_steps", max_linesearch_steps)),
-      reals=(("eps_active", eps_active),))
+      ("max_linesearch_steps", max_linesearch_steps),
+      ("stall_iters", stall_iters)),
+      reals=(("eps_active", eps_active), ("tol", tol), ("atol", atol),
+             ("ftol", ftol), ("nonmonotone", nonmonotone)))
+  if _constraint.is_concrete(nonmonotone) and not nonmonotone <= 1:
+    raise ValueError(f"lbfgsb: `nonmonotone` must be in [0, 1], got "
+                     f"{nonmonotone!r}.")
   if learning_rate is not None and not callable(learning_rate):
     _lbfgsb.check_options("lbfgsb", reals=(("learning_rate", learning_rate),),
                           nonnegative=False)
-  if int(memory_size) < 1 or int(max_linesearch_steps) < 1:
-    raise ValueError(f"lbfgsb: need memory_size >= 1 and "
-                     f"max_linesearch_steps >= 1, got memory_size="
-                     f"{memory_size!r}, max_linesearch_steps="
-                     f"{max_linesearch_steps!r}.")
-  if learning_rate is not None and not callable(learning_rate) and not (
-      float(learning_rate) > 0):
-    raise ValueError(f"lbfgsb: `learning_rate` must be > 0 or None, got "
-                     f"{learning_rate!r}.")
+    if _constraint.is_concrete(learning_rate) and not learning_rate > 0:
+      raise ValueError(f"lbfgsb: `learning_rate` must be > 0 or None, got "
+                       f"{learning_rate!r}.")
+  if not _constraint.is_concrete(memory_size):
+    raise TypeError("lbfgsb: `memory_size` sets array shapes and must be a "
+                    "Python int, not a traced value (with "
+                    "optax.inject_hyperparams, list it in static_args).")
+  for name, value, least in (("memory_size", memory_size, 1),
+                             ("max_linesearch_steps", max_linesearch_steps, 1),
+                             ("stall_iters", stall_iters, 1)):
+    if _constraint.is_concrete(value) and int(value) < least:
+      raise ValueError(f"lbfgsb: `{name}` must be >= {least}, got "
+                       f"{value!r}.")
+  settings = step_lib.Settings(tol, atol, ftol, eps_active,
+                               max_linesearch_steps, stall_iters, nonmonotone)
+  sizes = dict(memory_size=int(memory_size))
+  fixed = learning_rate is not None
+
+  def step_size(count):
+    return learning_rate(count) if callable(learning_rate) else learning_rate
 
   def init_fn(params):
-    lo, hi = _lbfgsb.prepare_bounds(params, lower, upper, "lbfgsb")
-    del lo, hi  # Validated now; rebuilt (at trace time) in each update.
-    dtype = jnp.result_type(*jax.tree.leaves(params), jnp.float32)
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    return LbfgsbState(
-        count=jnp.zeros((), jnp.int32),
-        memory=core.init_memory(params, memory_size, dtype),
-        prev_params=zeros, prev_grad=zeros,
-        value=jnp.asarray(jnp.inf, dtype), grad=zeros,
-        info=LbfgsbInfo(jnp.zeros((), jnp.int32), jnp.ones((), bool),
-                        jnp.asarray(jnp.inf, dtype)))
+    _lbfgsb.prepare_bounds(params, lower, upper, "lbfgsb")  # Validate now.
+    leaves = jax.tree.leaves(params)
+    # The dtype of `value`: the widest leaf's, as a strong type (a weakly
+    # typed float64 leaf must not give float32), as optax.lbfgs does.
+    value_dtype = jnp.result_type(*[jnp.asarray(v).dtype for v in leaves]
+                                  or [jnp.float32])
+    solver = step_lib.blank(_strong(params), value_dtype, **sizes)
+    info = LbfgsbInfo(jnp.zeros((), jnp.int32), jnp.ones((), bool),
+                      solver.projected_grad_norm)
+    return LbfgsbState(jnp.zeros((), jnp.int32), solver, info)
 
   def update_fn(updates, state: LbfgsbState, params=None, *, value=None,
                 grad=None, value_fn: Optional[Callable] = None, **extra_args):
     if params is None:
       raise ValueError("lbfgsb needs the current parameters: call "
                        "`opt.update(grad, state, params, ...)`.")
+    if not fixed and (value is None or value_fn is None):
+      raise ValueError("lbfgsb with a line search needs `value=` and "
+                       "`value_fn=` in `update` (as optax.lbfgs); or give "
+                       "a fixed `learning_rate`.")
     lo, hi = _lbfgsb.prepare_bounds(params, lower, upper, "lbfgsb")
     g = updates if grad is None else grad
-    x = core.clip(params, lo, hi)
-    memory = state.memory
-    # The pair of the previous step (skipped on the first call).
-    s = jax.tree.map(jnp.subtract, x, state.prev_params)
-    y = jax.tree.map(jnp.subtract, g, state.prev_grad)
-    memory = core.push_pair(memory, s, y, keep=state.count > 0)
-    d = core.direction(memory, x, g, lo, hi, eps_active)
-    if learning_rate is None:
-      if value is None or value_fn is None:
-        raise ValueError("lbfgsb with a line search needs `value=` and "
-                         "`value_fn=` in `update` (as optax.lbfgs); or give "
-                         "a fixed `learning_rate`.")
+    g = jax.tree.map(lambda gi, p: jnp.asarray(gi).astype(jnp.result_type(p)),
+                     g, params)
+    x = _strong(core.clip(params, lo, hi))
+    solver = state.solver
+    if fixed:
+      solver, evals = _take_gradient(solver, x, g, state.count, lo, hi)
+      moved = core.clip(core.tree_axpy(step_size(state.count),
+                                       solver.direction, x), lo, hi)
+      new_x = core.tree_where(solver.status == step_lib.Status.RUNNING,
+                              moved, x)
+      accepted = jnp.ones((), bool)
+    else:
       value_and_grad = jax.value_and_grad(
           lambda p: value_fn(p, **extra_args))
-      search = search_lib.projected_backtracking(
-          value_and_grad, x, jnp.asarray(value), g, d, lo, hi,
-          max_steps=max_linesearch_steps)
-      ok = search.accepted
-      new_x = core.tree_where(ok, search.x, x)
-      new_value = jnp.where(ok, search.value, value).astype(state.value.dtype)
-      new_grad = core.tree_where(ok, search.grad, g)
-      memory = core.reset_memory(memory, where=~ok)
-      evals = search.num_evals
-    else:
-      step = (learning_rate(state.count) if callable(learning_rate)
-              else learning_rate)
-      new_x = core.clip(core.tree_axpy(step, d, x), lo, hi)
-      new_value = jnp.asarray(jnp.inf, state.value.dtype)
-      new_grad = jax.tree.map(jnp.zeros_like, g)
-      ok, evals = jnp.ones((), bool), jnp.zeros((), jnp.int32)
-    pg = core.projected_gradient_norm(new_x, new_grad, lo, hi)
+      solver, evals = _take_value(solver, x, params, value, g, state.count,
+                                  value_and_grad, lo, hi)
+      before = solver.num_fun_evals
+      solver, accepted = jax.lax.cond(
+          solver.status == step_lib.Status.RUNNING,
+          lambda s: step_lib.advance(s, value_and_grad, lo, hi, settings),
+          lambda s: (s, jnp.ones((), bool)), solver)
+      evals = evals + solver.num_fun_evals - before
+      new_x = solver.x
     deltas = jax.tree.map(_landing.delta_to, params, new_x, lo, hi)
-    new_state = LbfgsbState(state.count + 1, memory, x, g, new_value,
-                            new_grad, LbfgsbInfo(evals, ok, pg))
-    return deltas, new_state
+    # A NaN value or gradient is made visible, as optax.lbfgs does; so is
+    # an infinite gradient in a fixed step, which no evaluation can check.
+    nonfinite = solver.status == step_lib.Status.NONFINITE
+    if fixed:
+      nonfinite |= ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(v))
+                                       for v in jax.tree.leaves(g)]))
+      solver = solver._replace(status=jnp.where(
+          nonfinite, step_lib.Status.NONFINITE, solver.status).astype(
+              solver.status.dtype))
+    deltas = jax.tree.map(
+        lambda u: jnp.where(nonfinite, jnp.full((), jnp.nan, u.dtype), u),
+        deltas)
+    info = LbfgsbInfo(evals.astype(jnp.int32), accepted,
+                      solver.projected_grad_norm)
+    return deltas, LbfgsbState(state.count + 1, solver, info)
+
+  def _take_value(solver, x, params, value, g, count, value_and_grad, lo, hi):
+    """The solver state at ``x``, given the caller's value and gradient."""
+    value = jnp.asarray(value).astype(solver.value.dtype)
+    same_point = (count > 0) & _all_equal(x, solver.x)
+    same_data = (value == solver.value) & _all_equal(g, solver.grad)
+    feasible = _all_equal(x, params)
+
+    def refresh(s):
+      # Infeasible params: their value and gradient are not those of x.
+      def evaluate():
+        f, gx = value_and_grad(x)
+        return (jnp.asarray(f).astype(value.dtype),
+                jax.tree.map(lambda a, b: a.astype(b.dtype), gx, g))
+
+      f, gx = jax.lax.cond(feasible, lambda: (value, g), evaluate)
+      evals = jnp.where(feasible, 0, 1).astype(jnp.int32)
+      return step_lib.restart(s, x, f, gx, lo, hi, settings,
+                              keep_memory=same_point, num_evals=evals), evals
+
+    return jax.lax.cond(same_point & same_data,
+                        lambda s: (s, jnp.zeros((), jnp.int32)), refresh,
+                        solver)
+
+  def _take_gradient(solver, x, g, count, lo, hi):
+    """Fixed step: the gradient at ``x`` completes the last step's pair."""
+    # Where the last update moved to (nowhere once it had stopped).
+    last = core.tree_where(
+        solver.status == step_lib.Status.RUNNING,
+        core.clip(core.tree_axpy(step_size(jnp.maximum(count - 1, 0)),
+                                 solver.direction, solver.x), lo, hi),
+        solver.x)
+    continues = (count > 0) & _all_equal(x, last)
+    inf = jnp.full((), jnp.inf, solver.value.dtype)
+    solver = jax.lax.cond(
+        continues,
+        lambda s: step_lib.arrive(s, x, inf, g, jnp.ones((), bool), 0, lo,
+                                  hi, settings, has_value=False),
+        lambda s: step_lib.restart(s, x, inf, g, lo, hi, settings,
+                                   has_value=False), solver)
+    return solver, jnp.zeros((), jnp.int32)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

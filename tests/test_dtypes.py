@@ -315,7 +315,7 @@ def test_lbfgsb_with_value_fn_keeps_dtypes_and_bounds():
       updates, new, state = step(params, state)
       _assert_dtypes(updates, "lbfgsb updates")
       _assert_dtypes(new, "lbfgsb params")
-      _assert_dtypes(state.memory.s, "memory")
+      _assert_dtypes(state.solver.memory.s, "memory")
       _assert_dtypes(state.grad, "cached grad")
       assert bool(state.info.linesearch_accepted)
       for k in DTYPES:

@@ -63,7 +63,11 @@ def _run(opt, f, x0, steps):
 def test_lbfgsb_loop_reaches_nnls_optimum_with_fresh_cache(x64):
   X, y, x_ref, f_ref = _diabetes()
   f = _lsq(X, y)
-  xs, cached = _run(posconstr.lbfgsb(lower=0.0), f, jnp.zeros(10), 20)
+  # Monotone search (nonmonotone=0), and a tolerance tighter than the default
+  # so that the state keeps iterating to the optimum bit by bit.
+  xs, cached = _run(posconstr.lbfgsb(lower=0.0, tol=1e-13,
+                                     nonmonotone=0.0),
+                    f, jnp.zeros(10), 20)
   value_and_grad = jax.jit(jax.value_and_grad(f))
   for x, (value, grad) in zip(xs, cached):
     assert x.dtype == np.float64
