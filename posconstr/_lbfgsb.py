@@ -205,7 +205,8 @@ def minimize(fun: Callable[..., jax.Array], x0, lower=None, upper=None, *,
   ``vmap`` and on accelerators, leaf by leaf on pytrees of mixed dtypes.
 
   The search along the path is a Wolfe search (Armijo's decrease test and
-  the strong curvature test, bracketing and cubic zoom as Moré & Thuente's,
+  a curvature test that bounds overshooting, bracketing and cubic zoom as
+  Moré & Thuente's,
   with extrapolation up to the last breakpoint, so a linear objective
   reaches its vertex in one step). Its decrease test is non-monotone: it
   compares with Zhang & Hager's mean of past values (SIAM J. Optim. 14(4),

@@ -83,23 +83,47 @@ class _End(NamedTuple):
   slope: jax.Array
 
 
+def path_slope(g, d, x, lower, upper) -> jax.Array:
+  """The slope of ``a -> f(P(x + a d))`` just past the point ``x`` of the
+  path: ``<g, d>`` over the coordinates that still move (not on the bound
+  ``d`` points at). NaN where ``g`` has a NaN, even where ``d`` is masked;
+  an infinite ``g`` where nothing moves counts 0."""
+  def leaf(gi, di, xi, lo, hi):
+    moving = ((di > 0) & (xi < hi)) | ((di < 0) & (xi > lo))
+    zero = jnp.zeros((), jnp.result_type(gi, di))
+    return jnp.sum(jnp.where(moving, gi * di,
+                             jnp.where(jnp.isnan(gi), gi.astype(zero.dtype),
+                                       zero)))
+  parts = [leaf(*a) for a in zip(*(jax.tree.leaves(t) for t in
+                                   (g, d, x, lower, upper)))]
+  if not parts:
+    return jnp.zeros(())
+  dtype = jnp.result_type(*parts)
+  return sum(p.astype(dtype) for p in parts)
+
+
 def projected_search(value_and_grad, x, value, g, d, lower, upper, *,
-                           max_steps=20, c1: float = 1e-4, c2: float = 0.9,
-                           initial_step=1.0, reference=None,
-                           first_to_vertex=False) -> SearchResult:
+                     max_steps=20, c1: float = 1e-4, c2: float = 0.9,
+                     c3: float = 1.5, initial_step=1.0, reference=None,
+                     slope0=None, first_to_vertex=False) -> SearchResult:
   """A Wolfe line search along the projected path ``P(x + a d)``.
 
   ``phi(a) = f(P(x + a d))`` is searched for a step that satisfies the
   Armijo test ``phi(a) <= f_ref + c1 <g, s>`` (``s = P(x + a d) - x``;
   ``f_ref = max(f(x), reference)``, the largest of the last few values
   for the non-monotone test of Grippo, Lampariello & Lucidi, SIAM J.
-  Numer. Anal. 23(4), 1986) and the strong curvature test ``|phi'(a)| <=
-  c2 |phi'(0)|``, ``phi'`` the slope along the coordinates still moving
-  at ``a``: the bracketing and zoom of Nocedal & Wright, Algorithms 3.5
-  and 3.6 (after Moré & Thuente, ACM TOMS 20(3), 1994), with safeguarded
-  cubic interpolation, and extrapolation by a secant on the slopes (2 to
-  100 times, or straight to the last breakpoint of the path when no
-  curvature is seen, so a linear objective reaches its vertex at once).
+  Numer. Anal. 23(4), 1986) and the curvature test ``c2 phi'(0) <=
+  phi'(a) <= c3 |phi'(0)|``, ``phi'`` the slope along the coordinates
+  still moving at ``a``: the weak Wolfe test, with overshooting bounded
+  (``c3 = c2`` is the strong Wolfe test; ``c3 = 1.5`` lets a quasi-Newton
+  step that overshoots the minimum along the path a little through at one
+  evaluation, which spares a second one under ``vmap`` where every lane
+  pays for the slowest). The bracketing and zoom of Nocedal & Wright,
+  Algorithms 3.5 and 3.6 (after Moré & Thuente, ACM TOMS 20(3), 1994),
+  with safeguarded cubic interpolation, and extrapolation by a secant on
+  the slopes (2 to 100 times, or straight to the last breakpoint of the
+  path when no curvature is seen, so a linear objective reaches its vertex
+  at once).
   A bracket narrowed to ``XTOL`` of the step, or the steps running out,
   end the search at the best point that passed the Armijo test.
 
@@ -112,13 +136,14 @@ def projected_search(value_and_grad, x, value, g, d, lower, upper, *,
   accepted on the gradient's evidence instead (the approximate Wolfe test
   of Hager & Zhang, SIAM J. Optim. 16(1), 2005): the predicted decrease
   ``-<g, s>`` is under ``100 noise``, ``f(x(a)) <= f(x) + noise`` (``noise
-  = NOISE_ULPS eps |f(x)|``) and ``<g(x(a)), s> <= -0.8 <g, s>``.
+  = NOISE_ULPS eps |f(x)|``) and ``a phi'(a) <= -0.8 <g, s>``.
   ``16 eps |f|`` understates f's rounding where f is a small remainder of
   large terms: a trial whose predicted change is under the noise, yet moved
   f by more, has measured that rounding, and the noise is raised to it.
 
-  A trial whose value is not finite or whose gradient has a NaN is
-  treated as too long; with an infinite slope (an infinite gradient
+  ``slope0``, ``phi'(0)``, if the caller has it (:func:`path_slope`). A
+  trial whose value is not finite or whose gradient has a NaN is treated as
+  too long; with an infinite slope (an infinite gradient
   component) any decrease of f is accepted. Every trial point is inside
   the bounds bit for bit.
   """
@@ -130,14 +155,9 @@ def projected_search(value_and_grad, x, value, g, d, lower, upper, *,
   f_ref = f0 if reference is None else jnp.maximum(
       f0, jnp.asarray(reference).astype(dtype))
 
-  def moving_part(point):
-    # The coordinates of d that still move the projected path at `point`.
-    return jax.tree.map(
-        lambda di, xi, lo, hi: jnp.where(
-            ((di > 0) & (xi < hi)) | ((di < 0) & (xi > lo)), di,
-            jnp.zeros((), di.dtype)), d, point, lower, upper)
-
-  slope0 = core.slope(g, moving_part(x)).astype(dtype)
+  if slope0 is None:
+    slope0 = path_slope(g, d, x, lower, upper)
+  slope0 = jnp.asarray(slope0).astype(dtype)
   t_max = last_breakpoint(x, d, lower, upper).astype(dtype)
 
   def trial(t, noise):
@@ -153,13 +173,13 @@ def projected_search(value_and_grad, x, value, g, d, lower, upper, *,
     s = jax.tree.map(jnp.subtract, xt, x)
     decrease = core.slope(g, s).astype(dtype)
     f = ft.astype(dtype)
-    usable = jnp.isfinite(f) & ~core.tree_any_nan(gt) & (decrease < 0)
-    end_slope = core.slope(gt, s).astype(dtype)
+    # NaN if gt has a NaN anywhere: such a trial is not usable.
+    slope_t = path_slope(gt, d, xt, lower, upper).astype(dtype)
+    usable = jnp.isfinite(f) & ~jnp.isnan(slope_t) & (decrease < 0)
     floor = ((-decrease <= 100 * noise) & (f <= f0 + noise)
-             & (end_slope <= -0.8 * decrease))
+             & (t * slope_t <= -0.8 * decrease))
     steep = (decrease == -jnp.inf) & (f < f0)
     armijo = usable & (f <= f_ref + c1 * decrease)
-    slope_t = core.slope(gt, moving_part(xt)).astype(dtype)
     # The change of f where the model predicts none is rounding.
     change = jnp.abs(f - f0)
     noise = jnp.where((-decrease <= noise) & jnp.isfinite(change),
@@ -168,9 +188,9 @@ def projected_search(value_and_grad, x, value, g, d, lower, upper, *,
         decrease, noise
 
   class Carry(NamedTuple):
-    t: jax.Array  # the next trial
     lo: _End  # the best step that passed Armijo (t = 0: none yet)
     hi: _End  # the other end of the bracket (t = inf: not bracketed)
+    prev: _End  # lo before the last trial, for the extrapolation's secant
     best: Any  # (x, f, g) at lo
     n: jax.Array
     done: jax.Array
@@ -181,43 +201,51 @@ def projected_search(value_and_grad, x, value, g, d, lower, upper, *,
   def cond(c: Carry):
     return ~c.done & (c.n < max_steps) & c.moves
 
-  def body(c: Carry) -> Carry:
-    point, f, slope_t, armijo, fallback, decrease, noise = trial(c.t, c.noise)
-    here = _End(c.t, f, slope_t)
+  def update(c: Carry, t) -> Carry:
+    """Evaluates the trial ``t`` and updates the bracket."""
+    point, f, slope_t, armijo, fallback, decrease, noise = trial(t, c.noise)
+    here = _End(t, f, slope_t)
     too_long = ~armijo | ((c.lo.t > 0) & (f >= c.lo.f))
-    curvature = jnp.abs(slope_t) <= c2 * jnp.abs(slope0)
+    curvature = (slope_t >= c2 * slope0) & (slope_t <= -c3 * slope0)
     accept = fallback | (~too_long & curvature)
     # Past a minimum along the path: the bracket is [t, previous lo].
-    turn = ~too_long & ~curvature & (slope_t * (c.hi.t - c.t) >= 0)
+    turn = ~too_long & ~curvature & (slope_t * (c.hi.t - t) >= 0)
     lo = jax.tree.map(lambda a, b: jnp.where(~too_long, a, b), here, c.lo)
-    hi = jax.tree.map(lambda a, b, e: jnp.where(too_long, a, jnp.where(turn, b, e)),
-                      here, c.lo, c.hi)
+    hi = jax.tree.map(
+        lambda a, b, e: jnp.where(too_long, a, jnp.where(turn, b, e)),
+        here, c.lo, c.hi)
     best = core.tree_where(~too_long | accept, point, c.best)
     bracketed = jnp.isfinite(hi.t)
-    # The next trial: interpolate inside the bracket, else extrapolate.
-    inside = _interpolate(lo.t, lo.f, lo.slope, hi.t, hi.f, hi.slope, noise)
-    prev = c.lo
-    secant = jnp.where(slope_t > prev.slope,
-                       c.t + (c.t - prev.t) * slope_t / (prev.slope - slope_t),
-                       jnp.inf)
-    grown = jnp.clip(secant, MIN_GROWTH * c.t, MAX_GROWTH * c.t)
-    grown = jnp.where((slope_t <= prev.slope) & jnp.isfinite(t_max), t_max,
-                      grown)
-    next_t = jnp.where(bracketed, inside, jnp.minimum(grown, t_max))
     # At the end of the path an Armijo point cannot be improved on; nor,
     # in practice, inside a bracket narrowed to XTOL of the step.
-    accept |= ~bracketed & ~too_long & (c.t >= t_max)
+    accept |= ~bracketed & ~too_long & (t >= t_max)
     accept |= (bracketed & (lo.t > 0)
                & (jnp.abs(hi.t - lo.t) <= XTOL * jnp.maximum(lo.t, hi.t)))
-    return Carry(next_t, lo, hi, best, c.n + 1, accept,
-                 accept | (lo.t > 0), noise, decrease < 0)
+    return Carry(lo, hi, c.lo, best, c.n + 1, accept, accept | (lo.t > 0),
+                 noise, decrease < 0)
+
+  def next_trial(c: Carry):
+    """Inside a bracket, interpolate; else extrapolate from ``lo``."""
+    inside = _interpolate(c.lo.t, c.lo.f, c.lo.slope, c.hi.t, c.hi.f,
+                          c.hi.slope, c.noise)
+    t, slope_t, prev = c.lo.t, c.lo.slope, c.prev
+    secant = jnp.where(slope_t > prev.slope,
+                       t + (t - prev.t) * slope_t / (prev.slope - slope_t),
+                       jnp.inf)
+    grown = jnp.clip(secant, MIN_GROWTH * t, MAX_GROWTH * t)
+    grown = jnp.where((slope_t <= prev.slope) & jnp.isfinite(t_max), t_max,
+                      grown)
+    return jnp.where(jnp.isfinite(c.hi.t), inside, jnp.minimum(grown, t_max))
 
   first = jnp.where(first_to_vertex & jnp.isfinite(t_max) & (t_max > 0),
                     t_max, jnp.asarray(initial_step, dtype))
-  start = Carry(first, _End(jnp.zeros((), dtype),
-                f0, slope0), _End(jnp.full((), jnp.inf, dtype), f0, slope0),
-                (x, value, g), jnp.zeros((), jnp.int32), jnp.zeros((), bool),
-                jnp.zeros((), bool), noise0, slope0 < 0)
-  c = jax.lax.while_loop(cond, body, start)
+  origin = _End(jnp.zeros((), dtype), f0, slope0)
+  start = Carry(origin, _End(jnp.full((), jnp.inf, dtype), f0, slope0),
+                origin, (x, value, g), jnp.zeros((), jnp.int32),
+                jnp.zeros((), bool), jnp.zeros((), bool), noise0, slope0 < 0)
+  # The first trial outside the loop: it usually ends the search, and under
+  # vmap the loop is then not entered at all.
+  c = jax.lax.while_loop(cond, lambda c: update(c, next_trial(c)),
+                         update(start, first))
   xt, ft, gt = c.best
   return SearchResult(xt, ft, gt, c.accepted, c.n)

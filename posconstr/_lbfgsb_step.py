@@ -69,6 +69,7 @@ class SolverState(NamedTuple):
   value: jax.Array
   grad: Any
   direction: Any  # of the next step
+  slope: jax.Array  # of f along the projected path of the next step, at 0
   memory: core.Memory
   num_iter: jax.Array
   num_fun_evals: jax.Array
@@ -102,11 +103,8 @@ def _status(state: SolverState, failed, settings: Settings, has_value: bool,
   converged = jnp.isfinite(pg) & (pg <= threshold)
   bad = core.tree_any_nan(state.grad)
   if has_value:
-    # The model's decrease along the projected step (at a vertex, none).
-    step = jax.tree.map(jnp.subtract, core.clip(
-        jax.tree.map(jnp.add, state.x, state.direction), lower, upper),
-                        state.x)
-    predicted = -0.5 * core.slope(state.grad, step).astype(dtype)
+    # The model's decrease along the next step (at a vertex, none).
+    predicted = -0.5 * state.slope.astype(dtype)
     value = state.value.astype(dtype)
     allowed = jnp.maximum(
         jnp.asarray(settings.ftol, dtype) * jnp.maximum(jnp.abs(value), 1),
@@ -129,7 +127,7 @@ def blank(x, value_dtype, *, memory_size: int) -> SolverState:
   inf = jnp.full((), jnp.inf, dtype)
   zeros = jax.tree.map(jnp.zeros_like, x)
   return SolverState(
-      x, jnp.full((), jnp.inf, value_dtype), zeros, zeros,
+      x, jnp.full((), jnp.inf, value_dtype), zeros, zeros, jnp.zeros((), dtype),
       core.init_memory(x, memory_size, dtype), zero, zero, inf, inf,
       zero + Status.RUNNING, inf, zero, jnp.full((), jnp.inf, value_dtype),
       jnp.ones((), dtype))
@@ -150,7 +148,9 @@ def restart(state: SolverState, x, value, grad, lower, upper,
   dtype = state.projected_grad_norm.dtype
   pg = core.projected_gradient_norm(x, grad, lower, upper).astype(dtype)
   new = state._replace(
-      x=x, value=value, grad=grad, direction=d, memory=memory,
+      x=x, value=value, grad=grad, direction=d,
+      slope=search_lib.path_slope(grad, d, x, lower, upper).astype(dtype),
+      memory=memory,
       num_fun_evals=state.num_fun_evals + num_evals, projected_grad_norm=pg,
       pg_scale=jnp.where(jnp.isfinite(pg), pg, jnp.inf).astype(dtype),
       pg_best=pg, stall=jnp.zeros_like(state.stall),
@@ -190,7 +190,9 @@ def arrive(state: SolverState, x, value, grad, accepted, num_evals, lower,
   if has_value:
     progress |= value < state.value - noise
   new = SolverState(
-      x, value, grad, d, memory, state.num_iter + 1,
+      x, value, grad, d,
+      search_lib.path_slope(grad, d, x, lower, upper).astype(dtype),
+      memory, state.num_iter + 1,
       state.num_fun_evals + num_evals, pg,
       jnp.where(jnp.isfinite(state.pg_scale), state.pg_scale,
                 jnp.where(jnp.isfinite(pg), pg, jnp.inf)),
@@ -232,7 +234,7 @@ def advance(state: SolverState, value_and_grad, lower, upper,
   search = search_lib.projected_search(
       value_and_grad, state.x, state.value, state.grad, state.direction,
       lower, upper, max_steps=settings.max_linesearch_steps,
-      reference=state.reference,
+      reference=state.reference, slope0=state.slope,
       first_to_vertex=state.memory.count == 0)
   return arrive(state, search.x, search.value, search.grad, search.accepted,
                 search.num_evals, lower, upper, settings), search.accepted

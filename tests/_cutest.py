@@ -257,3 +257,24 @@ def posconstr_evals(problem, gtol, **options):
     pg = projected_grad(x, g, problem.lower, problem.upper)
     return (int(result.num_fun_evals), float(result.value), pg,
             bool(result.converged))
+
+
+def comparison_table() -> str:
+  """The markdown table of the README: evaluations to ``target_gtol``."""
+  rows, ratios = [], []
+  for p in PROBLEMS:
+    gtol = target_gtol(p)
+    s_fev, s_f, _, _ = scipy_evals(p, gtol)
+    p_fev, p_f, _, ok = posconstr_evals(p, gtol, ftol=np.inf)
+    ratios.append(p_fev / s_fev)
+    rows.append(f"| {p.name} | {p.x0.size} | {s_fev} | {p_fev} | "
+                f"{p_fev / s_fev:.2f} | {s_f:.6g} | {p_f:.6g} |")
+  head = ("| problem | n | scipy fev | posconstr fev | ratio | scipy f | "
+          "posconstr f |\n|---|---:|---:|---:|---:|---:|---:|")
+  foot = (f"\nMedian ratio {np.median(ratios):.2f}, worst {max(ratios):.2f}; "
+          f"scipy {scipy.__version__}, jax {jax.__version__}.")
+  return "\n".join([head] + rows) + "\n" + foot
+
+
+if __name__ == "__main__":
+  print(comparison_table())

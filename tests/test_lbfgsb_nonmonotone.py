@@ -19,22 +19,22 @@ from posconstr import _lbfgsb_search as search_lib
 
 
 def _square_search(reference):
-  """One search on ``x^2`` from 1 along ``d = -2.5`` (overshoots to -1.5)."""
+  """One search on ``x^2`` from 1 along ``d = -2.6`` (overshoots to -1.6)."""
   vg = jax.value_and_grad(lambda x: x ** 2)
   x = jnp.asarray(1.0)
   f, g = vg(x)
   inf = jnp.asarray(jnp.inf)
-  return search_lib.projected_search(vg, x, f, g, jnp.asarray(-2.5), -inf,
+  return search_lib.projected_search(vg, x, f, g, jnp.asarray(-2.6), -inf,
                                      inf, reference=reference)
 
 
-@pytest.mark.parametrize("reference", [None, 0.5, 2.0, 2.5])
+@pytest.mark.parametrize("reference", [None, 0.5, 2.0, 3.0])
 def test_overshoot_is_bracketed_to_the_minimizer(x64, reference):
-  # f(-1.5) = 2.25: too long for the monotone test; a window reference of
-  # 2.5 lets it pass the decrease test, but its slope (+7.5 against -5 at
-  # 0) fails the strong curvature test either way. The cubic through f(0)
-  # = 1, slope -5, f(1) = 2.25 and slope 7.5 is the quadratic itself: its
-  # minimum at step 0.4 (x = 0) is the second and last evaluation.
+  # f(-1.6) = 2.56: too long for the monotone test; a reference of 3 lets it
+  # pass the decrease test, but its slope (+8.32 against -5.2 at 0) is past
+  # the curvature test's bound of 1.5 x 5.2 either way. The cubic through
+  # f(0) = 1, slope -5.2, f(1) = 2.56 and slope 8.32 is the quadratic
+  # itself: its minimum (x = 0) is the second and last evaluation.
   r = _square_search(reference)
   assert bool(r.accepted) and int(r.num_evals) == 2
   assert abs(float(r.x)) <= 1e-15 and float(r.value) <= 1e-30
