@@ -117,6 +117,36 @@ def floor_table(results, bandwidth) -> str:
   return _timing.markdown_table(headers, rows)
 
 
+def summary_table(results) -> str:
+  """The README's table: one row per problem, ratios of medians."""
+  rows = []
+  for res in results:
+    m = res["methods"]
+    pc, lb = m.get(PC, {}), m.get("scipy L-BFGS-B", {})
+    if "time" not in pc or "time" not in lb:
+      continue
+    base = lb["time"]["median_s"]
+    ratio = lambda name: (  # noqa: E731
+        _timing.fmt_ratio(m[name]["time"]["median_s"] / base, 2)
+        if "time" in m.get(name, {}) else "-")
+    nnls = (m.get("scipy nnls", {}).get("time", {}).get("median_s"))
+    jx = m.get("jaxopt LBFGSB", {})
+    iters = (f"{pc['iters_mean']:.1f} (max {pc['iters_max']:.0f})"
+             if pc["iters_mean"] != pc["iters_max"] else f"{pc['iters_max']:.0f}")
+    rows.append([
+        res["problem"], iters, f"{pc['fev_mean']:.1f}".removesuffix(".0"),
+        f"{pc['fev_per_iter']:.2f}", ratio(PC),
+        _timing.fmt_ratio(pc["time"]["median_s"] / nnls, 2) if nnls else "-",
+        (f"{ratio('jaxopt LBFGSB')} ({jx['fev_per_iter']:.2f})"
+         if "fev_per_iter" in jx else "-"),
+        str(res.get("floor", {}).get("cg_evals", "-")),
+        f"{pc['compile_s']:.1f} s"])
+  return _timing.markdown_table(
+      ["problem", "iters", "fev", "fev/iter", "vs scipy L-BFGS-B",
+       "vs scipy nnls", "jaxopt vs scipy L-BFGS-B (fev/iter)",
+       "CG-oracle fev", "compile"], rows)
+
+
 def targets(results) -> List[Dict[str, Any]]:
   out = []
   by = {r["problem"]: r for r in results}

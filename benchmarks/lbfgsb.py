@@ -88,6 +88,7 @@ from benchmarks._nnls_problems import Problem
 from benchmarks._nnls_report import BASELINE
 from benchmarks._nnls_report import floor_rows
 from benchmarks._nnls_report import floor_table
+from benchmarks._nnls_report import summary_table
 from benchmarks._nnls_report import JAXOPT
 from benchmarks._nnls_report import method_table
 from benchmarks._nnls_report import PC
@@ -386,6 +387,7 @@ def main(argv=None) -> int:
         "tolerance (about the fewest any gradient method can use; it must "
         "also find the active set), and that many jax evaluations against scipy "
         "L-BFGS-B's time.\n")
+  print("### Summary (the README's table)\n\n" + summary_table(results) + "\n")
   tg = targets(results)
   if tg:
     print("### Targets\n\n" + _timing.markdown_table(

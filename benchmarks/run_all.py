@@ -50,7 +50,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "benchmarks", "results", "all.json")
 # Each script in the order it runs; their own --quick settings add up to about
 # a minute on 2 CPU cores (projection ~10 s, reparam ~10 s, L-BFGS-B ~30 s).
-SCRIPTS = ("projection_overhead", "reparam_overhead", "lbfgsb")
+SCRIPTS = ("projection_overhead", "reparam_overhead", "lbfgsb", "nnls_batch")
 # Calls the script's main(argv) in the child; argv[1] names the script (and,
 # in argv[0], its usage messages).
 _CHILD = ("import importlib, sys; "

@@ -15,6 +15,7 @@ from posconstr._intervals import NonNegative
 from posconstr._lbfgsb import LbfgsbResult
 from posconstr._lbfgsb import minimize
 from posconstr._lbfgsb_step import Status
+from posconstr._lbfgsb_transform import LbfgsbInfo
 from posconstr._lbfgsb_transform import LbfgsbState
 from posconstr._lbfgsb_transform import lbfgsb
 from posconstr._norms import MaxNorm
@@ -30,6 +31,9 @@ from posconstr._parameterizations import Square
 from posconstr._projected import ProjectedState
 from posconstr._projected import projected
 from posconstr._projection import ProjectionState
+from posconstr._quadratic import QPResult
+from posconstr._quadratic import box_qp
+from posconstr._quadratic import nnls
 from posconstr._projection import project
 from posconstr._projection import project_box
 from posconstr._projection import project_nonneg
@@ -53,6 +57,7 @@ __all__ = (
     "Constraint",
     "MaxNorm",
     "Exp",
+    "LbfgsbInfo",
     "LbfgsbResult",
     "LbfgsbState",
     "LeafReport",
@@ -61,6 +66,7 @@ __all__ = (
     "Parameterization",
     "ProjectedState",
     "ProjectionState",
+    "QPResult",
     "ReLU",
     "Sigmoid",
     "Simplex",
@@ -69,6 +75,7 @@ __all__ = (
     "Status",
     "UnitNorm",
     "chain",
+    "box_qp",
     "check_projection_last",
     "constrain",
     "constraint_report",
@@ -78,6 +85,7 @@ __all__ = (
     "lbfgsb",
     "linen",
     "minimize",
+    "nnls",
     "nnx",
     "project",
     "project_box",

@@ -383,12 +383,14 @@ def _two_loop_when_batched(axis_size, in_batched, memory, q, free=None):
   return out, jax.tree.map(lambda _: True, out)
 
 
-def direction(memory: Memory, x, g, lower, upper, eps_active):
+def direction(memory: Memory, x, g, lower, upper, eps_active, *,
+              empty: bool = False):
   """The two-metric projected quasi-Newton direction (see module doc).
 
   Where some gradient component is infinite (e.g. ``sqrt`` at 0), the
   direction is ``-sign(g)`` on those components and 0 elsewhere: a unit
-  step along what dominates.
+  step along what dominates. ``empty`` (static): the memory is known to
+  hold no pair, so no inverse-Hessian product is built (a smaller program).
   """
   infinite = jax.tree.map(jnp.isinf, g)
   any_infinite = jnp.any(jnp.stack(
@@ -411,7 +413,8 @@ def direction(memory: Memory, x, g, lower, upper, eps_active):
   gamma = jnp.where(first, 1 / jnp.maximum(first_norm.astype(dtype), tiny),
                     gamma).astype(dtype)
   free = jax.tree.map(jnp.logical_not, active)
-  hq = apply_inverse_hessian(memory._replace(gamma=gamma), free_g, free)
+  hq = (tree_scale(gamma, free_g) if empty else
+        apply_inverse_hessian(memory._replace(gamma=gamma), free_g, free))
 
   def leaf(h, gi, a, i, g_raw):
     d = jnp.where(a, -gamma * gi, -h)

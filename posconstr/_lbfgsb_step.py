@@ -144,7 +144,8 @@ def restart(state: SolverState, x, value, grad, lower, upper,
   """
   value = jnp.asarray(value).astype(state.value.dtype)
   memory = core.reset_memory(state.memory, where=~jnp.asarray(keep_memory))
-  d = core.direction(memory, x, grad, lower, upper, settings.eps_active)
+  d = core.direction(memory, x, grad, lower, upper, settings.eps_active,
+                     empty=keep_memory is False)
   dtype = state.projected_grad_norm.dtype
   pg = core.projected_gradient_norm(x, grad, lower, upper).astype(dtype)
   new = state._replace(
@@ -186,9 +187,10 @@ def arrive(state: SolverState, x, value, grad, accepted, num_evals, lower,
   dtype = state.projected_grad_norm.dtype
   pg = core.projected_gradient_norm(x, grad, lower, upper).astype(dtype)
   noise = search_lib.noise_level(state.value)
-  progress = pg <= 0.5 * state.pg_best
   if has_value:
-    progress |= value < state.value - noise
+    progress = (pg <= 0.5 * state.pg_best) | (value < state.value - noise)
+  else:  # Fixed steps shrink the gradient by a constant factor at best.
+    progress = pg < state.pg_best
   new = SolverState(
       x, value, grad, d,
       search_lib.path_slope(grad, d, x, lower, upper).astype(dtype),

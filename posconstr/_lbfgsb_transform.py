@@ -211,6 +211,18 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
       raise ValueError("lbfgsb with a line search needs `value=` and "
                        "`value_fn=` in `update` (as optax.lbfgs); or give "
                        "a fixed `learning_rate`.")
+    _lbfgsb.prepare_bounds(params, lower, upper, "lbfgsb")  # Errors here.
+    try:
+      hash(value_fn)
+    except TypeError:  # Cannot key the cache: run it as it is.
+      return update(value_fn, updates, state, params, value, grad,
+                    extra_args)
+    # Compiled once per value_fn (and shapes): eager loops stay cheap, and
+    # under the caller's jit this inlines.
+    return update_jit(value_fn, updates, state, params, value, grad,
+                      extra_args)
+
+  def update(value_fn, updates, state, params, value, grad, extra_args):
     lo, hi = _lbfgsb.prepare_bounds(params, lower, upper, "lbfgsb")
     g = updates if grad is None else grad
     g = jax.tree.map(lambda gi, p: jnp.asarray(gi).astype(jnp.result_type(p)),
@@ -218,7 +230,8 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
     x = _strong(core.clip(params, lo, hi))
     solver = state.solver
     if fixed:
-      solver, evals = _take_gradient(solver, x, g, state.count, lo, hi)
+      solver, evals = _take_gradient(solver, x, params, g, state.count, lo,
+                                     hi)
       moved = core.clip(core.tree_axpy(step_size(state.count),
                                        solver.direction, x), lo, hi)
       new_x = core.tree_where(solver.status == step_lib.Status.RUNNING,
@@ -253,6 +266,8 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
                       solver.projected_grad_norm)
     return deltas, LbfgsbState(state.count + 1, solver, info)
 
+  update_jit = jax.jit(update, static_argnums=0)
+
   def _take_value(solver, x, params, value, g, count, value_and_grad, lo, hi):
     """The solver state at ``x``, given the caller's value and gradient."""
     value = jnp.asarray(value).astype(solver.value.dtype)
@@ -276,8 +291,12 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
                         lambda s: (s, jnp.zeros((), jnp.int32)), refresh,
                         solver)
 
-  def _take_gradient(solver, x, g, count, lo, hi):
-    """Fixed step: the gradient at ``x`` completes the last step's pair."""
+  def _take_gradient(solver, x, params, g, count, lo, hi):
+    """Fixed step: the gradient at ``x`` completes the last step's pair.
+
+    Infeasible params have a gradient that is not ``x``'s and nothing to
+    evaluate with: this update only projects them (direction 0).
+    """
     # Where the last update moved to (nowhere once it had stopped).
     last = core.tree_where(
         solver.status == step_lib.Status.RUNNING,
@@ -292,6 +311,13 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
                                   hi, settings, has_value=False),
         lambda s: step_lib.restart(s, x, inf, g, lo, hi, settings,
                                    has_value=False), solver)
+    solver = jax.lax.cond(
+        _all_equal(x, params), lambda s: s,
+        lambda s: s._replace(
+            direction=jax.tree.map(jnp.zeros_like, s.direction),
+            pg_best=jnp.full_like(s.pg_best, jnp.inf),
+            pg_scale=jnp.full_like(s.pg_scale, jnp.inf),
+            status=jnp.full_like(s.status, step_lib.Status.RUNNING)), solver)
     return solver, jnp.zeros((), jnp.int32)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

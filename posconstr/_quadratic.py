@@ -89,7 +89,8 @@ def _solve_jvp(maxiter, warm, nonneg, primals, tangents):
 def tangent(G, q, lo, hi, x, dG, dq, dlo, dhi):
   r"""``dx`` at the solution ``x``: the implicit function theorem on the free
   set, with the exact masked Cholesky solve of :math:`G_{FF}`."""
-  free = _implicit.free_mask(x, lo, hi)
+  grad = G @ x + q
+  free = _implicit.free_mask(x, lo, hi, grad)  # as solution_tangent's
 
   def solve(matvec, b):
     del matvec  # G is at hand: solve exactly (identity on the active set).
@@ -97,7 +98,7 @@ def tangent(G, q, lo, hi, x, dG, dq, dlo, dhi):
 
   return _implicit.solution_tangent(
       lambda z, G, q: G @ z + q, x, lo, hi, (G, q), dlo, dhi, (dG, dq),
-      solve=solve)
+      grad=grad, solve=solve)
 
 
 # ---------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def box_qp(Q, c, lower=None, upper=None, *, x0=None,
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from posconstr._quadratic import box_qp
+    >>> from posconstr import box_qp
     >>> Q = jnp.array([[2.0, 1.0], [1.0, 2.0]])
     >>> c = jnp.array([-4.0, 1.0])
     >>> res = box_qp(Q, c, lower=0.0, upper=1.5)
@@ -356,7 +357,7 @@ def nnls(A, b, *, x0=None, maxiter: Optional[int] = None) -> QPResult:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from posconstr._quadratic import nnls
+    >>> from posconstr import nnls
     >>> A = jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     >>> b = jnp.array([1.0, -1.0, 1.0])
     >>> res = nnls(A, b)

@@ -20,14 +20,15 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_ALL = os.path.join(REPO, "benchmarks", "run_all.py")
-SCRIPTS = ("projection_overhead", "reparam_overhead", "lbfgsb")
+SCRIPTS = ("projection_overhead", "reparam_overhead", "lbfgsb", "nnls_batch")
 # --quick, made smaller still (each variant costs a compile of its own): one
 # small size / batch / problem each, few variants and rounds.
 SMALL = ("projection_overhead=--sizes 0.05M --repeats 4 --min-repeats 3 "
          "--variants nonneg(all),maxnorm(kernel)",
          "reparam_overhead=--batches 16 --width 256 --repeats 4 "
          "--min-repeats 3",
-         "lbfgsb=--problems 200x50 --repeats 3 --min-repeats 3")
+         "lbfgsb=--problems 200x50 --repeats 3 --min-repeats 3",
+         "nnls_batch=--cases unmix --unmix-k 64 --repeats 3 --min-repeats 3")
 MARKDOWN_SEPARATOR = re.compile(r"^\|(:?-+:?\|)+$", re.MULTILINE)
 
 

@@ -1,4 +1,8 @@
-"""Smoke tests of the examples: they run, end to end, in a few steps."""
+"""Smoke tests of the examples: they run, end to end, in a few steps.
+
+Behind the ``slow`` marker (``python -m pytest -q -n 2 -m slow``, with the
+``examples`` extra installed): together they take about a minute of CPU.
+"""
 
 import importlib.util
 import os
@@ -13,6 +17,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+pytestmark = pytest.mark.slow
 
 
 def _load_example(name):
@@ -219,8 +224,8 @@ def test_nmf_smoke(tmp_path):
   _assert_figure_saved(results, tmp_path, "nmf.png")
 
   methods = results["methods"]
-  assert set(methods) == {"projected-adam", "anls-minimize", "sklearn-cd",
-                          "sklearn-mu"}
+  assert set(methods) == {"projected-adam", "anls-minimize", "anls-box_qp",
+                          "sklearn-cd", "sklearn-mu"}
   x = nmf.load_data()
   start = methods["sklearn-cd"]["history"]["objectives"][0]
   for name, metrics in methods.items():
@@ -237,6 +242,8 @@ def test_nmf_smoke(tmp_path):
   # The projections land exactly on the bound: exact zeros, no negatives.
   assert methods["projected-adam"]["zeros_H"] > 0.0
   assert methods["anls-minimize"]["zeros_H"] > 0.0
+  # Exact ANLS: each H solve is a KKT point of its subproblem.
+  assert methods["anls-box_qp"]["kkt_H"] <= 1e-8
 
 
 def test_nmf_start_is_scikit_learns_nndsvda():
@@ -270,3 +277,23 @@ def test_nmf_sklearn_curve_ends_at_the_tol_stopped_fit():
   assert list(result["history"]["iterations"]) == [0, *ends, model.n_iter_]
   np.testing.assert_array_equal(result["W"], w)
   np.testing.assert_array_equal(result["H"], model.components_)
+
+
+def test_coding_layer_smoke(tmp_path, capsys):
+  coding = _load_example("coding_layer")
+  results = coding.main(["--steps", "3", "--atoms", "6", "--out",
+                         str(tmp_path), "--no-progress"])
+  _assert_figure_saved(results, tmp_path, "coding_layer.png")
+  runs = results["runs"]
+  rows = _table_rows(capsys.readouterr().out, list(runs))
+  assert set(runs) == {"nmf (fixed)", "task-driven"}
+  for name, run in runs.items():
+    d = run["dictionary"]
+    assert d.shape == (64, 6) and np.all(d > 0), name
+    np.testing.assert_allclose(np.linalg.norm(d, axis=0), 1.0, rtol=1e-5)
+    assert 0.0 <= run["test_accuracy"] <= 1.0
+    assert f"{run['test_accuracy']:.4f}" in rows[name]
+  # Only the task-driven run moved its dictionary (the gradient reached it
+  # through posconstr.nnls); the fixed one kept NMF's.
+  fixed, learned = runs["nmf (fixed)"], runs["task-driven"]
+  assert np.abs(learned["dictionary"] - fixed["dictionary"]).max() > 1e-4

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import posconstr
 from posconstr import _qp_active_set
-from posconstr._quadratic import box_qp, nnls
+from posconstr import box_qp, nnls
 
 M, N = 20, 6  # The nnls shape used throughout.
 _nnls = jax.jit(nnls, static_argnames=("maxiter",))
