@@ -74,6 +74,7 @@ def assert_finite_positive(values, what):
   assert not bad, f"{what}: not finite and positive: {bad[:5]}"
 
 
+@pytest.mark.slow  # About 30 s: four scripts, each compiling its variants.
 def test_quick_suite_writes_json_and_prints_tables(tmp_path):
   out = tmp_path / "all.json"
   script_args = [a for s in SMALL for a in ("--script-args", s)]
