@@ -2,10 +2,27 @@
 under a norm while they train: by projection inside Optax, or by
 reparameterization (weights = g(latent)) in Flax.
 
-Submodules: :mod:`posconstr.linen`, :mod:`posconstr.nnx`,
-:mod:`posconstr.initializers` (imported with the package).
+Submodules: :mod:`posconstr.initializers` (imported with the package),
+:mod:`posconstr.linen` and :mod:`posconstr.nnx` (imported on first use; they
+need Flax: ``pip install "posconstr[flax]"``). ``import posconstr`` alone does
+not import Flax.
+
+>>> import jax.numpy as jnp
+>>> import optax
+>>> import posconstr
+>>> tx = optax.chain(optax.sgd(1.0), posconstr.project_nonneg())
+>>> params = jnp.array([0.5, 1.0])
+>>> updates, _ = tx.update(jnp.array([1.0, -0.5]), tx.init(params), params)
+>>> optax.apply_updates(params, updates)
+Array([0. , 1.5], dtype=float32)
+>>> posconstr.nnx.NonNegLinear  # imports Flax now
+<class 'posconstr.nnx.NonNegLinear'>
 """
 
+import importlib
+import typing
+
+from posconstr import initializers
 from posconstr._chain_order import chain
 from posconstr._chain_order import check_projection_last
 from posconstr._constrain import constrain
@@ -14,6 +31,8 @@ from posconstr._intervals import Box
 from posconstr._intervals import NonNegative
 from posconstr._lbfgsb import LbfgsbResult
 from posconstr._lbfgsb import minimize
+from posconstr._lbfgsb_core import Memory as LbfgsbMemory
+from posconstr._lbfgsb_step import SolverState as LbfgsbSolverState
 from posconstr._lbfgsb_step import Status
 from posconstr._lbfgsb_transform import LbfgsbInfo
 from posconstr._lbfgsb_transform import LbfgsbState
@@ -31,36 +50,44 @@ from posconstr._parameterizations import Square
 from posconstr._projected import ProjectedState
 from posconstr._projected import projected
 from posconstr._projection import ProjectionState
-from posconstr._quadratic import QPResult
-from posconstr._quadratic import box_qp
-from posconstr._quadratic import nnls
 from posconstr._projection import project
 from posconstr._projection import project_box
 from posconstr._projection import project_nonneg
 from posconstr._projection import project_params
-from posconstr._report import LeafReport
-from posconstr._report import constraint_report
-from posconstr._report import format_report
+from posconstr._quadratic import QPResult
+from posconstr._quadratic import box_qp
+from posconstr._quadratic import nnls
 from posconstr._reparam import dead_fraction
 from posconstr._reparam import reparam
 from posconstr._reparam import unreparam
+from posconstr._report import LeafReport
+from posconstr._report import constraint_report
+from posconstr._report import format_report
 from posconstr._simplex import Simplex
-from posconstr import initializers
-from posconstr import linen
-from posconstr import nnx
 
+if typing.TYPE_CHECKING:  # imported lazily at run time, see __getattr__
+  from posconstr import linen
+  from posconstr import nnx
+
+# The one source of the version: pyproject.toml reads it from here (it must
+# stay a string literal, which setuptools reads without importing).
 __version__ = "0.1.0"
+
+# Submodules that need Flax, imported on first attribute access (PEP 562).
+_FLAX_SUBMODULES = ("linen", "nnx")
 
 __all__ = (
     "Abs",
     "Box",
     "Constraint",
-    "MaxNorm",
     "Exp",
     "LbfgsbInfo",
+    "LbfgsbMemory",
     "LbfgsbResult",
+    "LbfgsbSolverState",
     "LbfgsbState",
     "LeafReport",
+    "MaxNorm",
     "MinMaxNorm",
     "NonNegative",
     "Parameterization",
@@ -74,8 +101,8 @@ __all__ = (
     "Square",
     "Status",
     "UnitNorm",
-    "chain",
     "box_qp",
+    "chain",
     "check_projection_last",
     "constrain",
     "constraint_report",
@@ -95,3 +122,23 @@ __all__ = (
     "reparam",
     "unreparam",
 )
+
+
+def __getattr__(name: str):
+  """Imports ``posconstr.linen`` and ``posconstr.nnx`` on first access."""
+  if name not in _FLAX_SUBMODULES:
+    raise AttributeError(f"module 'posconstr' has no attribute {name!r}")
+  try:
+    importlib.import_module("flax")
+  except ImportError as e:
+    raise ImportError(
+        f"posconstr.{name} needs Flax, which could not be imported ({e}). "
+        'Install it with `pip install "posconstr[flax]"` (or '
+        "`pip install flax`).") from e
+  # Importing the submodule also binds it as an attribute of the package, so
+  # this function is not called again for it.
+  return importlib.import_module(f"posconstr.{name}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_FLAX_SUBMODULES))

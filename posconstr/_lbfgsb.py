@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import operator
 from typing import Any, Callable, NamedTuple
@@ -12,6 +13,7 @@ import numpy as np
 
 from posconstr import _bound_trees
 from posconstr import _constraint
+from posconstr import _dtype_groups as groups
 from posconstr import _implicit as implicit
 from posconstr import _lbfgsb_core as core
 from posconstr import _lbfgsb_step as step_lib
@@ -120,6 +122,18 @@ class _Static(NamedTuple):
   memory_size: int
 
 
+@dataclasses.dataclass(frozen=True)
+class OnGroups:
+  """``fun`` of a tree, called on its dtype groups (hashable when ``fun``
+  is, so that the solve's compilation is cached)."""
+
+  fun: Callable
+  layout: groups.Layout
+
+  def __call__(self, x, *args):
+    return self.fun(groups.unflatten(x, self.layout), *args)
+
+
 def _run(fun, static: _Static, x0, lower, upper, args, settings, maxiter):
   """The whole solve: ``start``, then ``advance`` in a ``while_loop``."""
   value_and_grad = jax.value_and_grad(lambda x: fun(x, *args))
@@ -147,7 +161,7 @@ def _run(fun, static: _Static, x0, lower, upper, args, settings, maxiter):
   params = jax.tree.map(
       lambda xi, bad: jnp.where(bad, jnp.full((), jnp.nan, xi.dtype), xi),
       s.x, jax.tree.unflatten(jax.tree.structure(s.x), infeasible))
-  return LbfgsbResult(params, s.value, s.grad, s.projected_grad_norm,
+  return LbfgsbResult(params, s.f, s.g, s.projected_grad_norm,
                       s.num_iter, s.num_fun_evals, status.astype(jnp.int32))
 
 
@@ -184,8 +198,8 @@ def minimize(fun: Callable[..., jax.Array], x0, lower=None, upper=None, *,
              args: tuple = (), maxiter: int = 500, tol: float = 1e-8,
              atol: float = 0.0, ftol: float = 1e-9, memory_size: int = 10,
              max_linesearch_steps: int = 20, eps_active: float = 1e-3,
-             stall_iters: int = 15, nonmonotone: float = 0.3
-             ) -> LbfgsbResult:
+             stall_iters: int = 15, nonmonotone: float = 0.3,
+             group_leaves: bool = True) -> LbfgsbResult:
   r"""Minimizes ``fun(x, *args)`` subject to ``lower <= x <= upper``.
 
   **Method.** A two-metric projected quasi-Newton method (Bertsekas,
@@ -275,6 +289,10 @@ def minimize(fun: Callable[..., jax.Array], x0, lower=None, upper=None, *,
       ``||x - P(x - gamma grad)||_inf``, gamma the L-BFGS scaling).
     stall_iters: iterations without measurable progress after which the
       solve stops (see above).
+    group_leaves: solve on one vector per dtype (the leaves of each dtype
+      concatenated), so the program and its compile time do not grow with
+      the number of leaves; False keeps the leaves apart (for parameters
+      sharded across devices, which concatenation would gather).
     nonmonotone: the weight ``eta`` in ``[0, 1]`` of past values in the
       reference of the decrease test (0: monotone). With ``eta > 0``,
       ``value`` never exceeds ``fun(x0)`` but may exceed the lowest value
@@ -341,9 +359,15 @@ def minimize(fun: Callable[..., jax.Array], x0, lower=None, upper=None, *,
   settings = step_lib.Settings(tol, atol, ftol, eps_active,
                                max_linesearch_steps, stall_iters, nonmonotone)
   static = _Static(int(memory_size))
+  lay = groups.layout(x0, grouped=bool(group_leaves))
+  on_groups = OnGroups(fun, lay)
   try:
-    hash(fun)
+    hash(on_groups)
     solve = _solve_jit
   except TypeError:  # An unhashable callable cannot key the cache.
     solve = _solve
-  return solve(fun, static, x0, lower, upper, args, settings, maxiter)
+  result = solve(on_groups, static, groups.flatten(x0, lay),
+                 groups.flatten_bounds(lower, lay),
+                 groups.flatten_bounds(upper, lay), args, settings, maxiter)
+  return result._replace(params=groups.unflatten(result.params, lay),
+                         grad=groups.unflatten(result.grad, lay))

@@ -66,8 +66,8 @@ class SolverState(NamedTuple):
   """The state of one bounded L-BFGS run (``x`` inside the bounds)."""
 
   x: Any
-  value: jax.Array
-  grad: Any
+  f: jax.Array  # the value at x
+  g: Any  # the gradient at x
   direction: Any  # of the next step
   slope: jax.Array  # of f along the projected path of the next step, at 0
   memory: core.Memory
@@ -101,16 +101,16 @@ def _status(state: SolverState, failed, settings: Settings, has_value: bool,
   threshold = jnp.maximum(jnp.asarray(settings.atol, dtype),
                           jnp.asarray(settings.tol, dtype) * state.pg_scale)
   converged = jnp.isfinite(pg) & (pg <= threshold)
-  bad = core.tree_any_nan(state.grad)
+  bad = core.tree_any_nan(state.g)
   if has_value:
     # The model's decrease along the next step (at a vertex, none).
     predicted = -0.5 * state.slope.astype(dtype)
-    value = state.value.astype(dtype)
+    value = state.f.astype(dtype)
     allowed = jnp.maximum(
         jnp.asarray(settings.ftol, dtype) * jnp.maximum(jnp.abs(value), 1),
         search_lib.noise_level(value))
     converged &= ~(predicted > allowed)  # NaN-safe: no direction, no veto
-    bad |= ~jnp.isfinite(state.value)
+    bad |= ~jnp.isfinite(state.f)
   code = jnp.where(
       bad, Status.NONFINITE, jnp.where(
           converged, Status.CONVERGED, jnp.where(
@@ -142,14 +142,14 @@ def restart(state: SolverState, x, value, grad, lower, upper,
   point seen through a new mini-batch) and forgotten otherwise, and the
   relative tolerance and the non-monotone reference start afresh.
   """
-  value = jnp.asarray(value).astype(state.value.dtype)
+  value = jnp.asarray(value).astype(state.f.dtype)
   memory = core.reset_memory(state.memory, where=~jnp.asarray(keep_memory))
   d = core.direction(memory, x, grad, lower, upper, settings.eps_active,
                      empty=keep_memory is False)
   dtype = state.projected_grad_norm.dtype
   pg = core.projected_gradient_norm(x, grad, lower, upper).astype(dtype)
   new = state._replace(
-      x=x, value=value, grad=grad, direction=d,
+      x=x, f=value, g=grad, direction=d,
       slope=search_lib.path_slope(grad, d, x, lower, upper).astype(dtype),
       memory=memory,
       num_fun_evals=state.num_fun_evals + num_evals, projected_grad_norm=pg,
@@ -176,19 +176,19 @@ def arrive(state: SolverState, x, value, grad, accepted, num_evals, lower,
            ) -> SolverState:
   """Takes in the new point (where ``accepted``; else a failed step)."""
   s = jax.tree.map(jnp.subtract, x, state.x)
-  y = jax.tree.map(jnp.subtract, grad, state.grad)
+  y = jax.tree.map(jnp.subtract, grad, state.g)
   memory = core.reset_memory(
       core.push_pair(state.memory, s, y, keep=accepted), where=~accepted)
   x = core.tree_where(accepted, x, state.x)
-  grad = core.tree_where(accepted, grad, state.grad)
-  value = jnp.where(accepted, jnp.asarray(value).astype(state.value.dtype),
-                    state.value)
+  grad = core.tree_where(accepted, grad, state.g)
+  value = jnp.where(accepted, jnp.asarray(value).astype(state.f.dtype),
+                    state.f)
   d = core.direction(memory, x, grad, lower, upper, settings.eps_active)
   dtype = state.projected_grad_norm.dtype
   pg = core.projected_gradient_norm(x, grad, lower, upper).astype(dtype)
-  noise = search_lib.noise_level(state.value)
+  noise = search_lib.noise_level(state.f)
   if has_value:
-    progress = (pg <= 0.5 * state.pg_best) | (value < state.value - noise)
+    progress = (pg <= 0.5 * state.pg_best) | (value < state.f - noise)
   else:  # Fixed steps shrink the gradient by a constant factor at best.
     progress = pg < state.pg_best
   new = SolverState(
@@ -234,7 +234,7 @@ def advance(state: SolverState, value_and_grad, lower, upper,
   Returns the new state and whether the search found a step.
   """
   search = search_lib.projected_search(
-      value_and_grad, state.x, state.value, state.grad, state.direction,
+      value_and_grad, state.x, state.f, state.g, state.direction,
       lower, upper, max_steps=settings.max_linesearch_steps,
       reference=state.reference, slope0=state.slope,
       first_to_vertex=state.memory.count == 0)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from posconstr import _constraint
+from posconstr import _dtype_groups as groups
 from posconstr import _landing
 from posconstr import _lbfgsb
 from posconstr import _lbfgsb_core as core
@@ -35,35 +36,28 @@ class LbfgsbInfo(NamedTuple):
 class LbfgsbState(NamedTuple):
   """State of :func:`lbfgsb`.
 
-  ``solver`` is the state of the shared bounded L-BFGS iteration (that of
-  :func:`posconstr.minimize`). Its ``value`` and ``grad`` are those of the
-  point the last update moved to (within the bounds), so
+  ``value`` and ``grad`` (shaped like the params) are those of the point the
+  last update moved to (within the bounds), so
   ``optax.value_and_grad_from_state`` reuses them instead of evaluating the
   function again; before the first update, and with a fixed learning rate,
-  ``value`` is ``inf`` and they are recomputed. ``status`` (a
+  ``value`` is ``inf`` and they are recomputed. ``solver`` is the state of
+  the bounded L-BFGS iteration shared with :func:`posconstr.minimize` (on
+  the dtype groups of the params, see ``group_leaves``). ``status`` (a
   :class:`posconstr.Status`) is ``RUNNING`` until the stopping test of
   :func:`posconstr.minimize` holds; from then on updates are zero and cost
   no evaluation.
   """
 
   count: jax.Array
+  value: jax.Array
+  grad: Any
   solver: step_lib.SolverState
   info: LbfgsbInfo
 
   @property
   def status(self) -> jax.Array:
-    """``solver.status``: a :class:`posconstr.Status` code."""
+    """The solver's status, a :class:`posconstr.Status` code."""
     return self.solver.status
-
-  @property
-  def value(self) -> jax.Array:
-    """``solver.value``: the value at the point the last update moved to."""
-    return self.solver.value
-
-  @property
-  def grad(self):
-    """``solver.grad``: the gradient there."""
-    return self.solver.grad
 
 
 def _strong(tree):
@@ -82,8 +76,8 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
            memory_size: int = 10, lower=None, upper=None, *,
            max_linesearch_steps: int = 20, eps_active: float = 1e-3,
            tol: float = 1e-8, atol: float = 0.0, ftol: float = 1e-9,
-           stall_iters: int = 15, nonmonotone: float = 0.3
-           ) -> optax.GradientTransformationExtraArgs:
+           stall_iters: int = 15, nonmonotone: float = 0.3,
+           group_leaves: bool = True) -> optax.GradientTransformationExtraArgs:
   r"""Bounded L-BFGS in the style of ``optax.lbfgs``.
 
   Each update takes one iteration of :func:`posconstr.minimize` (the same
@@ -134,6 +128,10 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
       be held by the active set.
     tol, atol, ftol, stall_iters, nonmonotone: the stopping tests and the
       search, as in :func:`posconstr.minimize`.
+    group_leaves: iterate on one vector per dtype (the leaves of each dtype
+      concatenated), so the update's program and compile time do not grow
+      with the number of leaves; False keeps the leaves apart (parameters
+      sharded across devices, which concatenation would gather).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`LbfgsbState`.
@@ -192,15 +190,17 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
 
   def init_fn(params):
     _lbfgsb.prepare_bounds(params, lower, upper, "lbfgsb")  # Validate now.
+    params = _strong(params)
     leaves = jax.tree.leaves(params)
     # The dtype of `value`: the widest leaf's, as a strong type (a weakly
     # typed float64 leaf must not give float32), as optax.lbfgs does.
-    value_dtype = jnp.result_type(*[jnp.asarray(v).dtype for v in leaves]
-                                  or [jnp.float32])
-    solver = step_lib.blank(_strong(params), value_dtype, **sizes)
+    value_dtype = jnp.result_type(*[v.dtype for v in leaves] or [jnp.float32])
+    lay = groups.layout(params, grouped=bool(group_leaves))
+    solver = step_lib.blank(groups.flatten(params, lay), value_dtype, **sizes)
     info = LbfgsbInfo(jnp.zeros((), jnp.int32), jnp.ones((), bool),
                       solver.projected_grad_norm)
-    return LbfgsbState(jnp.zeros((), jnp.int32), solver, info)
+    return LbfgsbState(jnp.zeros((), jnp.int32), solver.f,
+                       jax.tree.map(jnp.zeros_like, params), solver, info)
 
   def update_fn(updates, state: LbfgsbState, params=None, *, value=None,
                 grad=None, value_fn: Optional[Callable] = None, **extra_args):
@@ -224,32 +224,39 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
 
   def update(value_fn, updates, state, params, value, grad, extra_args):
     lo, hi = _lbfgsb.prepare_bounds(params, lower, upper, "lbfgsb")
+    lay = groups.layout(params, grouped=bool(group_leaves))
+    flat = lambda tree: groups.flatten(tree, lay)  # noqa: E731
+    lo_g, hi_g = (groups.flatten_bounds(lo, lay),
+                  groups.flatten_bounds(hi, lay))
     g = updates if grad is None else grad
     g = jax.tree.map(lambda gi, p: jnp.asarray(gi).astype(jnp.result_type(p)),
                      g, params)
-    x = _strong(core.clip(params, lo, hi))
+    g = flat(g)
+    params_g = flat(_strong(params))
+    x = core.clip(params_g, lo_g, hi_g)
     solver = state.solver
     if fixed:
-      solver, evals = _take_gradient(solver, x, params, g, state.count, lo,
-                                     hi)
+      solver, evals = _take_gradient(solver, x, params_g, g, state.count,
+                                     lo_g, hi_g)
       moved = core.clip(core.tree_axpy(step_size(state.count),
-                                       solver.direction, x), lo, hi)
+                                       solver.direction, x), lo_g, hi_g)
       new_x = core.tree_where(solver.status == step_lib.Status.RUNNING,
                               moved, x)
       accepted = jnp.ones((), bool)
     else:
       value_and_grad = jax.value_and_grad(
-          lambda p: value_fn(p, **extra_args))
-      solver, evals = _take_value(solver, x, params, value, g, state.count,
-                                  value_and_grad, lo, hi)
+          lambda p: value_fn(groups.unflatten(p, lay), **extra_args))
+      solver, evals = _take_value(solver, x, params_g, value, g, state.count,
+                                  value_and_grad, lo_g, hi_g)
       before = solver.num_fun_evals
       solver, accepted = jax.lax.cond(
           solver.status == step_lib.Status.RUNNING,
-          lambda s: step_lib.advance(s, value_and_grad, lo, hi, settings),
+          lambda s: step_lib.advance(s, value_and_grad, lo_g, hi_g, settings),
           lambda s: (s, jnp.ones((), bool)), solver)
       evals = evals + solver.num_fun_evals - before
       new_x = solver.x
-    deltas = jax.tree.map(_landing.delta_to, params, new_x, lo, hi)
+    deltas = jax.tree.map(_landing.delta_to, params,
+                          groups.unflatten(new_x, lay), lo, hi)
     # A NaN value or gradient is made visible, as optax.lbfgs does; so is
     # an infinite gradient in a fixed step, which no evaluation can check.
     nonfinite = solver.status == step_lib.Status.NONFINITE
@@ -264,15 +271,19 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
         deltas)
     info = LbfgsbInfo(evals.astype(jnp.int32), accepted,
                       solver.projected_grad_norm)
-    return deltas, LbfgsbState(state.count + 1, solver, info)
+    # With a fixed step the state's value and gradient are of the point
+    # before the move: inf makes value_and_grad_from_state recompute them.
+    value_out = (jnp.full_like(solver.f, jnp.inf) if fixed else solver.f)
+    return deltas, LbfgsbState(state.count + 1, value_out,
+                               groups.unflatten(solver.g, lay), solver, info)
 
   update_jit = jax.jit(update, static_argnums=0)
 
   def _take_value(solver, x, params, value, g, count, value_and_grad, lo, hi):
     """The solver state at ``x``, given the caller's value and gradient."""
-    value = jnp.asarray(value).astype(solver.value.dtype)
+    value = jnp.asarray(value).astype(solver.f.dtype)
     same_point = (count > 0) & _all_equal(x, solver.x)
-    same_data = (value == solver.value) & _all_equal(g, solver.grad)
+    same_data = (value == solver.f) & _all_equal(g, solver.g)
     feasible = _all_equal(x, params)
 
     def refresh(s):
@@ -304,7 +315,7 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
                                  solver.direction, solver.x), lo, hi),
         solver.x)
     continues = (count > 0) & _all_equal(x, last)
-    inf = jnp.full((), jnp.inf, solver.value.dtype)
+    inf = jnp.full((), jnp.inf, solver.f.dtype)
     solver = jax.lax.cond(
         continues,
         lambda s: step_lib.arrive(s, x, inf, g, jnp.ones((), bool), 0, lo,
