@@ -259,22 +259,40 @@ def posconstr_evals(problem, gtol, **options):
             bool(result.converged))
 
 
-def comparison_table() -> str:
-  """The markdown table of the README: evaluations to ``target_gtol``."""
-  rows, ratios = [], []
+def comparison() -> dict:
+  """Evaluations to ``target_gtol`` of both solvers on every problem."""
+  rows = []
   for p in PROBLEMS:
     gtol = target_gtol(p)
     s_fev, s_f, _, _ = scipy_evals(p, gtol)
-    p_fev, p_f, _, ok = posconstr_evals(p, gtol, ftol=np.inf)
-    ratios.append(p_fev / s_fev)
-    rows.append(f"| {p.name} | {p.x0.size} | {s_fev} | {p_fev} | "
-                f"{p_fev / s_fev:.2f} | {s_f:.6g} | {p_f:.6g} |")
-  head = ("| problem | n | scipy fev | posconstr fev | ratio | scipy f | "
-          "posconstr f |\n|---|---:|---:|---:|---:|---:|---:|")
-  foot = (f"\nMedian ratio {np.median(ratios):.2f}, worst {max(ratios):.2f}; "
-          f"scipy {scipy.__version__}, jax {jax.__version__}.")
-  return "\n".join([head] + rows) + "\n" + foot
+    p_fev, p_f, _, _ = posconstr_evals(p, gtol, ftol=np.inf)
+    rows.append({"problem": p.name, "n": int(p.x0.size), "scipy_fev": s_fev,
+                 "posconstr_fev": p_fev, "scipy_f": s_f, "posconstr_f": p_f})
+  return {"rows": rows, "scipy": scipy.__version__, "jax": jax.__version__}
+
+
+def comparison_table(result: dict) -> str:
+  """The README's markdown table of :func:`comparison`'s result."""
+  lines = ["| problem | n | scipy fev | posconstr fev | ratio | scipy f | "
+           "posconstr f |", "|---|---:|---:|---:|---:|---:|---:|"]
+  ratios = []
+  for r in result["rows"]:
+    ratio = r["posconstr_fev"] / r["scipy_fev"]
+    ratios.append(ratio)
+    lines.append(f"| {r['problem']} | {r['n']} | {r['scipy_fev']} | "
+                 f"{r['posconstr_fev']} | {ratio:.2f} | {r['scipy_f']:.6g} | "
+                 f"{r['posconstr_f']:.6g} |")
+  lines.append(f"\nMedian ratio {np.median(ratios):.2f}, worst "
+               f"{max(ratios):.2f}; scipy {result['scipy']}, jax "
+               f"{result['jax']}.")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
-  print(comparison_table())
+  import json
+  import sys
+  out = comparison()
+  if len(sys.argv) > 1:  # e.g. benchmarks/results/cutest.json
+    with open(sys.argv[1], "w") as f:
+      json.dump(out, f, indent=1)
+  print(comparison_table(out))
