@@ -35,9 +35,6 @@ if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
       os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
-
-jax.config.update("jax_enable_x64", True)
-
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np
 import optax
@@ -211,6 +208,7 @@ def table(res) -> str:
 
 
 def main(argv=None) -> int:
+  jax.config.update("jax_enable_x64", True)  # Here, not at import.
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   _timing.add_round_args(ap, DEFAULT_OUT, repeats=15, quick_repeats=5,
                          min_repeats=5, warmup=1,

@@ -66,6 +66,7 @@ from posconstr._report import format_report
 from posconstr._simplex import Simplex
 
 if typing.TYPE_CHECKING:  # imported lazily at run time, see __getattr__
+  from posconstr import equinox
   from posconstr import linen
   from posconstr import nnx
 
@@ -73,8 +74,10 @@ if typing.TYPE_CHECKING:  # imported lazily at run time, see __getattr__
 # stay a string literal, which setuptools reads without importing).
 __version__ = "0.1.0"
 
-# Submodules that need Flax, imported on first attribute access (PEP 562).
-_FLAX_SUBMODULES = ("linen", "nnx")
+# Submodules that need an optional package, imported on first attribute
+# access (PEP 562): the submodule, the package it needs, and the extra.
+_OPTIONAL_SUBMODULES = {"linen": ("flax", "flax"), "nnx": ("flax", "flax"),
+                        "equinox": ("equinox", "equinox")}
 
 __all__ = (
     "Abs",
@@ -107,6 +110,7 @@ __all__ = (
     "constrain",
     "constraint_report",
     "dead_fraction",
+    "equinox",
     "format_report",
     "initializers",
     "lbfgsb",
@@ -125,20 +129,21 @@ __all__ = (
 
 
 def __getattr__(name: str):
-  """Imports ``posconstr.linen`` and ``posconstr.nnx`` on first access."""
-  if name not in _FLAX_SUBMODULES:
+  """Imports ``posconstr.linen``, ``.nnx`` or ``.equinox`` on first access."""
+  if name not in _OPTIONAL_SUBMODULES:
     raise AttributeError(f"module 'posconstr' has no attribute {name!r}")
+  package, extra = _OPTIONAL_SUBMODULES[name]
   try:
-    importlib.import_module("flax")
+    importlib.import_module(package)
   except ImportError as e:
     raise ImportError(
-        f"posconstr.{name} needs Flax, which could not be imported ({e}). "
-        'Install it with `pip install "posconstr[flax]"` (or '
-        "`pip install flax`).") from e
+        f"posconstr.{name} needs {package}, which could not be imported "
+        f'({e}). Install it with `pip install "posconstr[{extra}]"` (or '
+        f"`pip install {package}`).") from e
   # Importing the submodule also binds it as an attribute of the package, so
   # this function is not called again for it.
   return importlib.import_module(f"posconstr.{name}")
 
 
 def __dir__():
-  return sorted(set(globals()) | set(_FLAX_SUBMODULES))
+  return sorted(set(globals()) | set(_OPTIONAL_SUBMODULES))

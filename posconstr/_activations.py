@@ -2,7 +2,10 @@
 
 ``softplus(z, beta) = softplus(beta z) / beta`` shares one ``exp`` between
 value and derivative and never forms ``beta z`` (which overflows for
-``z > max / beta``); ``sigmoid``'s derivative stays accurate in both tails.
+``z > max / beta``); ``beta`` may be traced (then it has a derivative too).
+``sigmoid``'s derivative stays accurate in both tails. ``relu`` propagates
+NaN in its value and its derivative (``jnp.where(z > 0, z, 0)`` maps NaN
+to 0 with derivative 0, hiding it); so does ``abs_``'s derivative.
 """
 
 from __future__ import annotations
@@ -13,14 +16,21 @@ import jax
 import jax.numpy as jnp
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def softplus(z, beta):
+  """``softplus(beta z) / beta``, for a Python float or a traced ``beta``."""
+  if isinstance(beta, (int, float)):
+    return _softplus_static(z, float(beta))
+  return _softplus_traced(z, beta)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _softplus_static(z, beta):
   # softplus(beta z) / beta without forming beta z, which overflows for
   # z > max / beta (then forward(inverse(max)) would be inf).
   return jnp.maximum(z, 0) + jnp.log1p(jnp.exp(-beta * jnp.abs(z))) / beta
 
 
-@softplus.defjvp
+@_softplus_static.defjvp
 def _softplus_jvp(beta, primals, tangents):
   # One exp serves the value and the derivative (sigmoid); the derivative is
   # the only residual kept for the backward pass.
@@ -29,6 +39,48 @@ def _softplus_jvp(beta, primals, tangents):
   y = jnp.maximum(z, 0) + jnp.log1p(e) / beta
   inv = 1 / (1 + e)
   return y, jnp.where(z >= 0, inv, e * inv) * t
+
+
+@jax.custom_jvp
+def _softplus_traced(z, beta):
+  return jnp.maximum(z, 0) + jnp.log1p(jnp.exp(-beta * jnp.abs(z))) / beta
+
+
+@_softplus_traced.defjvp
+def _softplus_traced_jvp(primals, tangents):
+  (z, beta), (t, t_beta) = primals, tangents
+  e = jnp.exp(-beta * jnp.abs(z))
+  y = jnp.maximum(z, 0) + jnp.log1p(e) / beta
+  slope = jnp.where(z >= 0, 1 / (1 + e), e / (1 + e))
+  # d/d beta of softplus(beta z) / beta is (z sigmoid(beta z) - y) / beta;
+  # 0 at infinite z (inf - inf there), where the value does not move.
+  by_beta = jnp.where(jnp.isinf(z), 0, (z * slope - y) / beta)
+  return y, slope * t + by_beta * t_beta
+
+
+@jax.custom_jvp
+def relu(z):
+  return jnp.where(z <= 0, 0, z)  # NaN is not <= 0: it stays.
+
+
+@relu.defjvp
+def _relu_jvp(primals, tangents):
+  (z,), (t,) = primals, tangents
+  slope = jnp.where(z > 0, 1, jnp.where(jnp.isnan(z), jnp.nan, 0))
+  return relu(z), slope.astype(t.dtype) * t
+
+
+@jax.custom_jvp
+def abs_(z):
+  """``|z|`` whose derivative is NaN at NaN (``jnp.abs`` gives -1 there)."""
+  return jnp.abs(z)
+
+
+@abs_.defjvp
+def _abs_jvp(primals, tangents):
+  (z,), (t,) = primals, tangents
+  slope = jnp.where(z >= 0, 1, jnp.where(z < 0, -1, jnp.nan))
+  return jnp.abs(z), slope.astype(t.dtype) * t
 
 
 @jax.custom_jvp

@@ -33,7 +33,8 @@ def _per_leaf(bound, params, name: str, owner: str) -> list:
   return [v for v, sub in zip(values, subtrees) for _ in jax.tree.leaves(sub)]
 
 
-def leaf_boxes(params, lower, upper, owner: str) -> List[Optional[_intervals.Box]]:
+def leaf_boxes(params, lower, upper,
+               owner: str) -> List[Optional[_intervals.Box]]:
   """One validated ``Box`` per leaf of ``params`` (None where unbounded).
 
   Raises errors that name the owner and the parameter path: bounds with

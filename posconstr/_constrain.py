@@ -18,8 +18,11 @@ def constrain(
   The Optax counterpart of Keras' ``kernel_constraint=`` /
   ``bias_constraint=``, for any pytree of parameters: paths are keys joined
   by ``/`` (``Dense_0/kernel`` in linen params, ``linear/kernel`` in the state
-  of an NNX model) and patterns are case-sensitive ``fnmatch`` globs, in which
-  ``*`` also crosses ``/``. Rules are tried in order and the first match
+  of an NNX model and ``module/linear/kernel`` once it is wrapped by
+  :func:`posconstr.nnx.reparameterize`, ``layers/0/weight`` in an
+  ``eqx.nn.MLP``) and patterns are case-sensitive ``fnmatch`` globs, in which
+  ``*`` also crosses ``/``. Only array leaves (and Python numbers) are
+  matched: the functions of an unfiltered ``eqx.Module`` are left alone. Rules are tried in order and the first match
   wins; a rule mapped to ``None`` leaves its matches unconstrained (useful
   before a catch-all). Leaves that match no rule are returned untouched.
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+import dataclasses
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,8 @@ def _as_bound(name: str, value, owner: str):
   if not base.is_concrete(value):
     return value  # Traced (e.g. under optax.inject_hyperparams): no checks.
   if isinstance(value, bool):
-    raise TypeError(f"{owner}: `{name}` must be a number or an array, got {value!r}.")
+    raise TypeError(f"{owner}: `{name}` must be a number or an array, got "
+                    f"{value!r}.")
   try:
     arr = np.asarray(value)
   except Exception as e:  # pragma: no cover - exotic inputs
@@ -44,33 +46,38 @@ def _as_bound(name: str, value, owner: str):
   return arr
 
 
-def _bound_key(value):
-  if value is None or isinstance(value, float):
-    return value
-  if not base.is_concrete(value):
-    return ("traced", id(value))
-  return (value.shape, value.dtype.str, value.tobytes())
-
-
 class _Interval(base.Constraint):
-  """lower <= x <= upper, coordinate by coordinate (either bound may be None)."""
+  """lower <= x <= upper, coordinate by coordinate (either bound may be None).
+
+  Subclasses provide ``lower`` and ``upper``.
+  """
 
   elementwise = True
-  lower: Optional[object]
-  upper: Optional[object]
-
-  def _key(self):
-    return (_bound_key(self.lower), _bound_key(self.upper))
+  lower: Any
+  upper: Any
 
   def bounds_in(self, dtype) -> Tuple[Optional[jax.Array], Optional[jax.Array]]:
     """The bounds cast to ``dtype``, rounded towards the inside of the set."""
     concrete = base.is_concrete(self.lower) and base.is_concrete(self.upper)
-    with jax.ensure_compile_time_eval() if concrete else contextlib.nullcontext():
+    eager = jax.ensure_compile_time_eval
+    with eager() if concrete else contextlib.nullcontext():
       lo = (None if self.lower is None else
             base.cast_bound(self.lower, dtype, round_up=True))
       hi = (None if self.upper is None else
             base.cast_bound(self.upper, dtype, round_up=False))
     return lo, hi
+
+  def _bounds(self, dtype):
+    """``bounds_in``, NaN where traced bounds are invalid (lower > upper)."""
+    lo, hi = self.bounds_in(dtype)
+    if lo is None or hi is None or (base.is_concrete(lo)
+                                    and base.is_concrete(hi)):
+      return lo, hi
+    ok = lo <= hi
+    return base.poison(ok, lo), base.poison(ok, hi)
+
+  def _input(self, x, method, name="x"):
+    return base.float_input(x, f"{self!r}.{method}", name)
 
   def check_leaf(self, shape, dtype, path="x"):
     owner = repr(self)
@@ -97,8 +104,8 @@ class _Interval(base.Constraint):
             "dtype.")
 
   def project(self, x):
-    x = jnp.asarray(x)
-    lo, hi = self.bounds_in(x.dtype)
+    x = self._input(x, "project")
+    lo, hi = self._bounds(x.dtype)
     y = x
     if lo is not None:
       y = jnp.maximum(y, lo)
@@ -110,45 +117,61 @@ class _Interval(base.Constraint):
     return y
 
   def _masks(self, x):
-    lo, hi = self.bounds_in(x.dtype)
+    lo, hi = self._bounds(x.dtype)
     none = jnp.zeros(x.shape, bool)
     at_lower = none if lo is None else x <= lo
     at_upper = none if hi is None else x >= hi
     return at_lower, at_upper
 
   def active(self, x):
-    x = jnp.asarray(x)
+    x = self._input(x, "active")
     at_lower, at_upper = self._masks(x)
     return at_lower | at_upper
 
   def pushing_out(self, x, grad):
-    x = jnp.asarray(x)
+    x = self._input(x, "pushing_out")
+    grad = self._input(grad, "pushing_out", "grad")
     at_lower, at_upper = self._masks(x)
     return (at_lower & (grad > 0)) | (at_upper & (grad < 0))
 
   def violation(self, x):
-    x = jnp.asarray(x)
+    """The largest distance of a coordinate to the interval; ``inf`` at an
+    infinite coordinate, NaN at a NaN one, and at least the smallest normal
+    number wherever ``x`` is outside (a gap that flush-to-zero arithmetic
+    would round to 0)."""
+    x = self._input(x, "violation")
     acc = base.accumulation_dtype(x.dtype)
-    lo, hi = self.bounds_in(x.dtype)
+    lo, hi = self._bounds(x.dtype)
     xs = x.astype(acc)
-    excess = jnp.zeros((), acc)
+    tiny = jnp.finfo(acc).tiny
+    excess = jnp.zeros(x.shape, acc)
     if lo is not None:
-      excess = jnp.maximum(excess, base.max_or_zero(
-          jnp.broadcast_to(lo.astype(acc) - xs, x.shape)))
+      lo = lo.astype(acc)
+      gap = jnp.broadcast_to(lo - xs, x.shape)
+      excess = jnp.maximum(excess, jnp.where(
+          xs < lo, jnp.maximum(gap, tiny), jnp.minimum(gap, 0)))
     if hi is not None:
-      excess = jnp.maximum(excess, base.max_or_zero(
-          jnp.broadcast_to(xs - hi.astype(acc), x.shape)))
-    return excess
+      hi = hi.astype(acc)
+      gap = jnp.broadcast_to(xs - hi, x.shape)
+      excess = jnp.maximum(excess, jnp.where(
+          xs > hi, jnp.maximum(gap, tiny), jnp.minimum(gap, 0)))
+    return base.max_or_zero(jnp.where(jnp.isinf(xs), jnp.inf, excess))
 
 
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class NonNegative(_Interval):
   r"""The non-negative orthant, shifted: :math:`\{x : x_i \ge \epsilon\}`.
 
   The projection is :math:`\max(x, \epsilon)` elementwise. ``eps`` is rounded
-  up to the leaf's dtype, so the projection is feasible in every dtype.
+  up to the leaf's dtype, so the projection is feasible in every dtype (a
+  subnormal ``eps`` becomes the smallest normal number, which flush-to-zero
+  arithmetic does not read as 0). ``+inf`` is not in the set: its
+  ``violation`` is ``inf``.
 
   Args:
-    eps: the lower bound, ``>= 0``.
+    eps: the lower bound, ``>= 0``. It may be traced
+      (``optax.inject_hyperparams``); a traced negative ``eps`` is NaN, and
+      so is every result that uses it.
 
   Example:
     >>> import jax.numpy as jnp
@@ -159,29 +182,40 @@ class NonNegative(_Interval):
     0.1...
   """
 
-  def __init__(self, eps: float = 0.0):
-    base.check_real("eps", eps, "NonNegative")
-    if base.is_concrete(eps) and float(eps) < 0:
-      raise ValueError(f"NonNegative: `eps` must be >= 0, got {eps!r}.")
-    eps = float(eps) if base.is_concrete(eps) else eps
-    self._init(eps=eps, lower=eps, upper=None)
+  eps: float = 0.0
 
-  def __repr__(self):
-    return f"NonNegative(eps={base.format_value(self.eps)})"
+  def __post_init__(self):
+    object.__setattr__(self, "eps", base.hyperparameter(
+        "eps", self.eps, "NonNegative", lambda v: v >= 0, ">= 0"))
+
+  @property
+  def lower(self):
+    return self.eps
+
+  @property
+  def upper(self):
+    return None
 
 
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Box(_Interval):
   r"""A box :math:`\{x : l_i \le x_i \le u_i\}`; the projection is a clip.
 
   Bounds are scalars or arrays that broadcast to the leaf's shape; ``None``
-  leaves that side unbounded. They are rounded inwards to the leaf's dtype.
+  leaves that side unbounded. They are rounded inwards to the leaf's dtype
+  (subnormal ones to 0 or the smallest normal number).
+
+  Bounds may be traced (``optax.inject_hyperparams``). Where traced bounds
+  have ``lower > upper`` the set is empty: ``project``, ``violation`` and
+  the landing step give NaN there (``bounds_in`` returns them as they are).
 
   Args:
     lower: the lower bound, or ``None``.
     upper: the upper bound, or ``None``.
 
   Raises:
-    ValueError: if ``lower > upper`` anywhere, or a bound is NaN.
+    ValueError: if concrete bounds have ``lower > upper`` anywhere, or a
+      bound is NaN.
 
   Example:
     >>> import jax.numpy as jnp
@@ -190,9 +224,12 @@ class Box(_Interval):
     Array([0. , 0.5, 1. ], dtype=float32)
   """
 
-  def __init__(self, lower=None, upper=None):
-    lower = _as_bound("lower", lower, "Box")
-    upper = _as_bound("upper", upper, "Box")
+  lower: Any = None
+  upper: Any = None
+
+  def __post_init__(self):
+    lower = _as_bound("lower", self.lower, "Box")
+    upper = _as_bound("upper", self.upper, "Box")
     if (lower is not None and upper is not None and base.is_concrete(lower)
         and base.is_concrete(upper)):
       lo, hi = np.asarray(lower), np.asarray(upper)
@@ -210,8 +247,5 @@ class Box(_Interval):
         raise ValueError(
             f"Box: `lower` must be <= `upper`, got lower={lv!r} > "
             f"upper={uv!r}{where}.")
-    self._init(lower=lower, upper=upper)
-
-  def __repr__(self):
-    return (f"Box(lower={base.format_value(self.lower)}, "
-            f"upper={base.format_value(self.upper)})")
+    object.__setattr__(self, "lower", lower)
+    object.__setattr__(self, "upper", upper)

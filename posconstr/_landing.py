@@ -9,24 +9,25 @@ float32 gives 0, outside ``x >= 1e-8``). So, per coordinate:
 * where the projection leaves ``p + u`` unchanged, return ``u`` itself:
   ``apply_updates`` recomputes the very same ``p + u``;
 * where it moved the point, return ``t - p`` (exact whenever the target is 0);
-* for elementwise sets with non-zero bounds, if ``p + (t - p)`` misses ``t``,
-  step ``t - p`` by one ulp towards ``t`` and keep it when it lands on ``t``
-  or inside the bounds.
+* if ``p + (t - p)`` misses ``t``, step ``t - p`` by one ulp towards ``t``
+  and keep it when it lands on ``t`` or, for elementwise sets, on a
+  feasible point (within the bounds, or left alone by the projection). The
+  nudge has the derivative of the identity, so hypergradients flow through
+  the landing as through ``t - p``.
 
 The result is bit-for-bit the same as projecting after the step by hand,
 except when no float ``d`` makes ``p + d`` equal ``t`` (then the landing point
 is the nearest representable one that is still feasible). Norm sets, whose
 landing grid can be much coarser than their tolerance, are in
-``posconstr._norm_landing``."""
+``posconstr._norm_landing``. Each set's ``landing_update`` method decides;
+the default is :func:`default_landing_update`."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from posconstr import _constraint as base
-from posconstr import _norm_landing
 
 
 def _statically_zero(bound) -> bool:
@@ -43,14 +44,20 @@ def _in_bounds(x, lo, hi):
   return ok
 
 
-def _nudged(param, target, delta, lo, hi):
-  """One-ulp correction of ``delta`` so that ``param + delta`` hits the set."""
+def _nudged(param, target, delta, feasible):
+  """One-ulp correction of ``delta`` so that ``param + delta`` hits the set.
+
+  ``feasible(landed)``: a mask of the landings that are acceptable even if
+  they miss ``target``. The correction has the derivative of the identity.
+  """
   landed = (param + delta).astype(param.dtype)
   missed = landed != target
   toward = jnp.where(landed < target, jnp.inf, -jnp.inf).astype(delta.dtype)
-  nudged = jax.lax.nextafter(delta, toward)
+  nudged = base.nextafter(delta, toward)
   landed2 = (param + nudged).astype(param.dtype)
-  better = (landed2 == target) | _in_bounds(landed2, lo, hi)
+  better = landed2 == target
+  if feasible is not None:
+    better = better | feasible(landed2)
   return jnp.where(missed & better, nudged, delta)
 
 
@@ -63,18 +70,33 @@ def landing_update(param, update, constraint):
     constraint: the set to land in.
 
   Returns:
-    ``d`` such that ``optax.apply_updates`` gives ``P(param + update)``.
+    ``d`` such that ``optax.apply_updates`` gives ``P(param + update)``:
+    ``constraint.landing_update(param, update)``.
   """
-  param = jnp.asarray(param)
+  return constraint.landing_update(jnp.asarray(param), jnp.asarray(update))
+
+
+def default_landing_update(param, update, constraint):
+  """The landing step of :meth:`Constraint.landing_update` for any set.
+
+  For an elementwise set, a nudged landing that misses the target is kept
+  when it is feasible: within ``bounds_in`` when the set declares bounds,
+  else left in place by ``project``. For other sets, only an exact landing
+  on the target is kept.
+  """
+  param = base.float_input(param, f"{constraint!r}.landing_update", "param")
   update = jnp.asarray(update)
-  if hasattr(constraint, "radial_scale") and param.size:
-    return _norm_landing.landing_update(param, update, constraint)
   stepped = (param + update).astype(param.dtype)  # as optax.apply_updates
   target = constraint.project(stepped)
-  if constraint.elementwise:
-    delta = delta_to(param, target, *constraint.bounds_in(param.dtype))
+  if not constraint.elementwise:
+    delta = _nudged(param, target, target - param, None)
   else:
-    delta = target - param
+    bounds = constraint.bounds_in(param.dtype)
+    if bounds is not None:
+      delta = delta_to(param, target, *bounds)
+    else:
+      delta = _nudged(param, target, target - param,
+                      lambda y: constraint.project(y) == y)
   return jnp.where(target == stepped, update, delta)
 
 
@@ -90,4 +112,4 @@ def delta_to(param, target, lower=None, upper=None):
     # Bounds at 0 or none: t - p lands exactly on a bound at 0 and, by
     # monotone rounding, never crosses it elsewhere.
     return delta
-  return _nudged(param, target, delta, lower, upper)
+  return _nudged(param, target, delta, lambda y: _in_bounds(y, lower, upper))

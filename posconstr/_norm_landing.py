@@ -15,7 +15,6 @@ tolerance (2 n eps). So each coordinate is rounded with the norm in mind:
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from posconstr import _constraint as base
@@ -50,8 +49,8 @@ def _next_landing(param, delta, landed, direction):
   For a small one, ``nextafter(landed) - p`` is exact, so it lands exactly.
   """
   towards = (direction * jnp.inf).astype(delta.dtype)
-  by_delta = jax.lax.nextafter(delta, towards)
-  neighbour = jax.lax.nextafter(landed, towards.astype(landed.dtype))
+  by_delta = base.nextafter(delta, towards)
+  neighbour = base.nextafter(landed, towards.astype(landed.dtype))
   by_landing = (neighbour - param).astype(delta.dtype)
   return jnp.where(jnp.abs(delta) >= jnp.abs(landed), by_delta, by_landing)
 
@@ -64,7 +63,10 @@ def _rounded_towards_zero(param, target, delta):
   ``-param`` lands exactly on 0.
   """
   size = jnp.abs(target)
-  over = lambda d: jnp.abs(_landed(param, d).astype(size.dtype)) > size
+
+  def over(d):
+    return jnp.abs(_landed(param, d).astype(size.dtype)) > size
+
   for _ in range(2):  # Rounding t - p and p + d: at most two grid steps.
     landed = _landed(param, delta)  # != 0 where over
     delta = jnp.where(over(delta), _next_landing(
@@ -101,7 +103,7 @@ def landing_update(param, update, constraint):
   target = constraint.project_unrounded(stepped)
   unchanged = target == stepped.astype(acc)
   nearest = (target - param.astype(acc)).astype(param.dtype)
-  if constraint.rate == 1:  # Otherwise the target need not be in the set.
+  if constraint.static_rate == 1:  # Else the target need not be in the set.
     nearest = _shell_rounding(param, target, nearest, constraint)
   return jnp.where(unchanged, update, nearest)
 

@@ -1,4 +1,5 @@
-"""Norm constraints with Keras semantics: ``MaxNorm``, ``UnitNorm``, ``MinMaxNorm``.
+"""Norm constraints with Keras semantics: ``MaxNorm``, ``UnitNorm`` and
+``MinMaxNorm``.
 
 Norms are Euclidean, taken over ``axis`` (``axis=0`` for a Flax ``Dense``
 kernel of shape ``(in, out)`` bounds each output unit's incoming weights, as
@@ -10,38 +11,64 @@ sent to the constant direction ``(1, ..., 1) / sqrt(n)`` when it must grow.
 
 Norm bounds hold up to rounding: ``violation`` accepts a relative error of
 ``2 n eps`` of the leaf's dtype, the worst case of the n-term sum of squares.
+
+Slices are those of the leaves Optax passes: inside ``optax.flatten`` every
+parameter is one vector, so ``MaxNorm(axis=0)`` there bounds one global
+norm over all parameters. Keep per-slice sets outside ``optax.flatten``.
+
+Hyperparameters may be traced (``optax.inject_hyperparams``); an invalid
+traced value (``max_value <= 0``, ``min_value > max_value``, ``rate``
+outside ``[0, 1]``) is NaN, and so is every result that uses it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax.numpy as jnp
 
 from posconstr import _constraint as base
+from posconstr import _norm_landing
 
 
 class _RadialNorm(base.Constraint):
-  """min_value <= ||x||_axis <= max_value, reached by radial rescaling."""
+  """min_value <= ||x||_axis <= max_value, reached by radial rescaling.
 
-  min_value: float
-  max_value: float
-  rate: float
+  Subclasses provide ``min_value``, ``max_value``, ``rate`` and ``axis``
+  (dataclass fields or class constants).
+  """
+
+  min_value: Any
+  max_value: Any
+  rate: Any
   axis: base.Axis
-
-  def _key(self):
-    return (self.min_value, self.max_value, self.rate, self.axis)
 
   def check_leaf(self, shape, dtype, path="x"):
     base.check_float_dtype(dtype, repr(self), path)
     base.normalize_axes(self.axis, len(shape), repr(self), path)
 
+  def _input(self, x, method, name="x"):
+    return base.float_input(x, f"{self!r}.{method}", name)
+
   def _axes(self, x):
     return base.normalize_axes(self.axis, x.ndim, repr(self), "x")
+
+  @property
+  def _has_min(self) -> bool:
+    """False only when ``min_value`` is statically 0."""
+    return not (base.is_concrete(self.min_value) and self.min_value == 0)
 
   @property
   def scales_radially(self) -> bool:
     """True when ``project(x)`` is ``x * radial_scale(x)`` for every ``x``
     (no minimum norm, so the zero slice needs no special direction)."""
-    return self.min_value == 0
+    return not self._has_min
+
+  @property
+  def static_rate(self):
+    """``rate`` when concrete, else None."""
+    return self.rate if base.is_concrete(self.rate) else None
 
   def _scale(self, xs, axes):
     """Per-slice (keepdims) scale factor, target norm and ``norm > 0``."""
@@ -55,12 +82,12 @@ class _RadialNorm(base.Constraint):
 
   def radial_scale(self, x):
     """The per-slice factor ``s`` (keepdims) with ``project(x) = x * s``."""
-    x = jnp.asarray(x)
+    x = self._input(x, "radial_scale")
     xs = x.astype(base.accumulation_dtype(x.dtype))
     return self._scale(xs, self._axes(x))[0]
 
   def project(self, x):
-    x = jnp.asarray(x)
+    x = self._input(x, "project")
     if x.size == 0:
       return x
     return self.project_unrounded(x).astype(x.dtype)
@@ -68,18 +95,26 @@ class _RadialNorm(base.Constraint):
   def project_unrounded(self, x):
     """``project(x)`` before rounding to ``x``'s dtype (float32 for half
     precision leaves), so that landing can round each coordinate to suit."""
-    x = jnp.asarray(x)
+    x = self._input(x, "project_unrounded")
     axes = self._axes(x)
     acc = base.accumulation_dtype(x.dtype)
     xs = x.astype(acc)
     scale, target, positive = self._scale(xs, axes)
     y = xs * scale
-    if self.min_value > 0:
+    if self._has_min:
       # The zero slice has no direction: pick the constant one.
       n = base.slice_size(x.shape, axes)
-      uniform = jnp.broadcast_to(target / jnp.sqrt(jnp.asarray(n, acc)), y.shape)
+      uniform = jnp.broadcast_to(target / jnp.sqrt(jnp.asarray(n, acc)),
+                                 y.shape)
       y = jnp.where(positive, y, uniform)
     return y
+
+  def landing_update(self, param, update):
+    param = self._input(param, "landing_update", "param")
+    update = jnp.asarray(update)
+    if param.size == 0:
+      return update
+    return _norm_landing.landing_update(param, update, self)
 
   def reduction_axes(self, x):
     """The axes of each slice of ``x``."""
@@ -101,31 +136,32 @@ class _RadialNorm(base.Constraint):
     norm = base.safe_norm(x.astype(acc), axes)
     rtol = base.rounding_tolerance(x.dtype, base.slice_size(x.shape, axes))
     at_max = norm >= self.max_value * (1 - rtol)
-    at_min = (norm <= self.min_value * (1 + rtol)) if self.min_value > 0 else (
+    at_min = (norm <= self.min_value * (1 + rtol)) if self._has_min else (
         jnp.zeros_like(at_max))
     return axes, at_max, at_min
 
   def active(self, x):
-    x = jnp.asarray(x)
+    x = self._input(x, "active")
     _, at_max, at_min = self._sides(x)
     return jnp.broadcast_to(at_max | at_min, x.shape)
 
   def pushing_out(self, x, grad):
     """Slices on a norm bound whose descent direction crosses it."""
-    x = jnp.asarray(x)
+    x = self._input(x, "pushing_out")
+    grad = self._input(grad, "pushing_out", "grad")
     axes, at_max, at_min = self._sides(x)
     acc = base.accumulation_dtype(x.dtype)
-    radial = jnp.sum(x.astype(acc) * jnp.asarray(grad).astype(acc), axis=axes,
+    radial = jnp.sum(x.astype(acc) * grad.astype(acc), axis=axes,
                      keepdims=True)
     out = (at_max & (radial < 0)) | (at_min & (radial > 0))
     return jnp.broadcast_to(out, x.shape)
 
   def violation(self, x):
-    x = jnp.asarray(x)
+    """The largest excess of a slice's norm over the bounds (less the
+    rounding tolerance). Empty slices have norm 0."""
+    x = self._input(x, "violation")
     axes = self._axes(x)
     acc = base.accumulation_dtype(x.dtype)
-    if x.size == 0:
-      return jnp.zeros((), acc)
     norm = base.safe_norm(x.astype(acc), axes, keepdims=False)
     rtol = base.rounding_tolerance(x.dtype, base.slice_size(x.shape, axes))
     excess = jnp.maximum(norm - self.max_value * (1 + rtol),
@@ -133,15 +169,18 @@ class _RadialNorm(base.Constraint):
     return base.max_or_zero(excess)
 
 
-def _check_positive(name, value, owner, allow_zero=False):
-  base.check_real(name, value, owner)
-  value = float(value)
-  if value < 0 or (value == 0 and not allow_zero):
-    relation = ">= 0" if allow_zero else "> 0"
-    raise ValueError(f"{owner}: `{name}` must be {relation}, got {value!r}.")
-  return value
+def _positive(name, value, owner, allow_zero=False):
+  if allow_zero:
+    return base.hyperparameter(name, value, owner, lambda v: v >= 0, ">= 0")
+  return base.hyperparameter(name, value, owner, lambda v: v > 0, "> 0")
 
 
+def _set(obj, **fields):
+  for name, value in fields.items():
+    object.__setattr__(obj, name, value)
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class MaxNorm(_RadialNorm):
   r"""Slices of Euclidean norm at most ``max_value``: a convex ball.
 
@@ -152,7 +191,7 @@ class MaxNorm(_RadialNorm):
   overfitting", JMLR 2014 (the max-norm constraint).
 
   Args:
-    max_value: the radius ``c > 0``.
+    max_value: the radius ``c > 0`` (may be traced; NaN results if not > 0).
     axis: the axis or axes of each slice (0, Keras' default).
 
   Example:
@@ -162,15 +201,17 @@ class MaxNorm(_RadialNorm):
     Array([0.6, 0.8], dtype=float32)
   """
 
-  def __init__(self, max_value: float = 2.0, axis: base.Axis = 0):
-    max_value = _check_positive("max_value", max_value, "MaxNorm")
-    self._init(min_value=0.0, max_value=max_value, rate=1.0,
-               axis=base.check_axis(axis, "MaxNorm"))
+  max_value: float = 2.0
+  axis: base.Axis = 0
+  min_value = 0.0
+  rate = 1.0
 
-  def __repr__(self):
-    return f"MaxNorm(max_value={self.max_value!r}, axis={self.axis!r})"
+  def __post_init__(self):
+    _set(self, max_value=_positive("max_value", self.max_value, "MaxNorm"),
+         axis=base.check_axis(self.axis, "MaxNorm"))
 
 
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class UnitNorm(_RadialNorm):
   r"""Slices of unit Euclidean norm: the sphere, a non-convex set.
 
@@ -189,21 +230,24 @@ class UnitNorm(_RadialNorm):
     Array([0.6, 0.8], dtype=float32)
   """
 
-  def __init__(self, axis: base.Axis = 0):
-    self._init(min_value=1.0, max_value=1.0, rate=1.0,
-               axis=base.check_axis(axis, "UnitNorm"))
+  axis: base.Axis = 0
+  min_value = 1.0
+  max_value = 1.0
+  rate = 1.0
 
-  def __repr__(self):
-    return f"UnitNorm(axis={self.axis!r})"
+  def __post_init__(self):
+    _set(self, axis=base.check_axis(self.axis, "UnitNorm"))
 
 
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class MinMaxNorm(_RadialNorm):
   r"""Slices whose norm lies in ``[min_value, max_value]``, as in Keras.
 
   With ``rate=1`` the map is the Euclidean projection onto the shell
   :math:`\{x : a \le \lVert x \rVert \le b\}` (convex only when ``a = 0``).
   With ``rate < 1`` it is Keras' relaxed step: the norm moves to
-  :math:`r \cdot \mathrm{clip}(\lVert x \rVert, a, b) + (1 - r) \lVert x \rVert`,
+  :math:`r \cdot \mathrm{clip}(\lVert x \rVert, a, b)
+  + (1 - r) \lVert x \rVert`,
   which approaches the set over repeated steps but is not a projection: one
   application can leave ``violation > 0``.
 
@@ -220,23 +264,23 @@ class MinMaxNorm(_RadialNorm):
     Array([0.6, 0.8], dtype=float32)
   """
 
-  def __init__(self, min_value: float = 0.0, max_value: float = 1.0,
-               rate: float = 1.0, axis: base.Axis = 0):
-    min_value = _check_positive("min_value", min_value, "MinMaxNorm",
-                                allow_zero=True)
-    max_value = _check_positive("max_value", max_value, "MinMaxNorm")
-    if min_value > max_value:
-      raise ValueError(
-          f"MinMaxNorm: `min_value` must be <= `max_value`, got "
-          f"min_value={min_value!r} > max_value={max_value!r}.")
-    base.check_real("rate", rate, "MinMaxNorm")
-    rate = float(rate)
-    if not 0.0 <= rate <= 1.0:
-      raise ValueError(f"MinMaxNorm: `rate` must be in [0, 1], got {rate!r}.")
-    self._init(min_value=min_value, max_value=max_value, rate=rate,
-               axis=base.check_axis(axis, "MinMaxNorm"))
+  min_value: float = 0.0
+  max_value: float = 1.0
+  rate: float = 1.0
+  axis: base.Axis = 0
 
-  def __repr__(self):
-    return (f"MinMaxNorm(min_value={self.min_value!r}, "
-            f"max_value={self.max_value!r}, rate={self.rate!r}, "
-            f"axis={self.axis!r})")
+  def __post_init__(self):
+    owner = "MinMaxNorm"
+    lo = _positive("min_value", self.min_value, owner, allow_zero=True)
+    hi = _positive("max_value", self.max_value, owner)
+    if base.is_concrete(lo) and base.is_concrete(hi):
+      if lo > hi:
+        raise ValueError(
+            f"MinMaxNorm: `min_value` must be <= `max_value`, got "
+            f"min_value={lo!r} > max_value={hi!r}.")
+    else:
+      lo, hi = base.poison(lo <= hi, lo), base.poison(lo <= hi, hi)
+    rate = base.hyperparameter("rate", self.rate, owner,
+                               lambda v: (v >= 0) & (v <= 1), "in [0, 1]")
+    _set(self, min_value=lo, max_value=hi, rate=rate,
+         axis=base.check_axis(self.axis, owner))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
+import numbers
 from typing import Any, List, Sequence, Tuple
 
 import jax
 from jax import tree_util as jtu
+import numpy as np
 
 
 def key_to_str(key) -> str:
@@ -62,12 +64,54 @@ def describe_paths(paths: Sequence[str], limit: int = 8) -> str:
   return f"[{shown}{more}]" if paths else "[] (the tree has no leaves)"
 
 
+def is_array(leaf) -> bool:
+  """An array-like leaf: it has a ``shape`` and a ``dtype``.
+
+  Arrays, tracers, NumPy scalars and ``jax.ShapeDtypeStruct``; not Python
+  numbers, functions or other objects (``eqx.is_array``'s notion, plus
+  abstract leaves).
+  """
+  return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+
+
+def is_parameter(leaf) -> bool:
+  """A leaf that a mask or rule can select: an array or a Python number.
+
+  Functions, strings, Python bools (flags such as ``eqx.nn.Dropout``'s
+  ``inference``) and other objects in a tree (the activation of an
+  unfiltered ``eqx.Module``) are never parameters: every mask and rule
+  leaves them alone, and paths listed in error messages omit them.
+  """
+  return is_array(leaf) or (isinstance(leaf, numbers.Number)
+                            and not isinstance(leaf, bool))
+
+
+def is_float_array(leaf) -> bool:
+  """What ``mask=None`` selects: a floating-point array-like leaf.
+
+  Like ``eqx.is_inexact_array`` (without complex dtypes, which no set
+  supports): Python floats and non-array leaves are left alone.
+
+  >>> import jax.numpy as jnp
+  >>> [is_float_array(x) for x in (jnp.ones(2), jnp.arange(2), 1.0, print)]
+  [True, False, False, False]
+  """
+  return is_array(leaf) and jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
+
+
 def leaf_dtype(leaf):
-  """The dtype of a leaf (array, tracer, ShapeDtypeStruct or Python scalar)."""
+  """The dtype of a leaf (array, tracer, ShapeDtypeStruct or Python scalar).
+
+  ``object`` for a leaf that has none (a function, a string), so that dtype
+  checks report it by path instead of failing inside JAX.
+  """
   dtype = getattr(leaf, "dtype", None)
   if dtype is not None:
     return dtype
-  return jax.numpy.result_type(leaf)
+  try:
+    return jax.numpy.result_type(leaf)
+  except (TypeError, ValueError):
+    return np.dtype(object)
 
 
 def leaf_shape(leaf):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from posconstr import _projection
+from posconstr import _selection
 
 
 class ProjectedState(NamedTuple):
@@ -17,11 +18,20 @@ class ProjectedState(NamedTuple):
   inner_state: Any
 
 
+def _dropped(constraint, grad, param):
+  """Finite gradient components that point out of the set at the bound.
+
+  Non-finite ones are kept: ``inf`` and NaN reach the parameters, as they
+  do through ``optax.chain(inner, posconstr.project(...))``.
+  """
+  return constraint.pushing_out(param, grad) & jnp.isfinite(grad)
+
+
 def _drop_outward(constraint, grad, param):
   """Zeroes gradient components that point out of the set at the bound."""
   if not constraint.elementwise:
     return grad
-  return jnp.where(constraint.pushing_out(param, grad), jnp.zeros_like(grad),
+  return jnp.where(_dropped(constraint, grad, param), jnp.zeros_like(grad),
                    grad)
 
 
@@ -35,7 +45,7 @@ def _no_zero_over_zero(constraint, step, grad, param):
   """
   if constraint is None or not constraint.elementwise:
     return step
-  zeroed = constraint.pushing_out(param, grad)
+  zeroed = _dropped(constraint, grad, param)
   return jnp.where(zeroed & jnp.isnan(step), jnp.zeros_like(step), step)
 
 
@@ -57,10 +67,16 @@ def projected(inner: optax.GradientTransformation, constraint,
   2. The step is projected exactly as :func:`posconstr.project` does: the
      new parameters are :math:`P_C(p + u)`, bit for bit.
 
-  For **non-elementwise** sets (simplex, norm balls) only step 2 happens:
+  A set written by the user takes part through its ``elementwise`` flag and
+  ``pushing_out`` (see :class:`posconstr.Constraint`). For
+  **non-elementwise** sets (simplex, norm balls) only step 2 happens:
   the tangent cone of those sets is not a per-coordinate condition, and
   masking coordinates would bias the optimizer, so the gradient is passed
   through unchanged.
+
+  Only finite components are zeroed: an infinite or NaN gradient reaches
+  ``inner`` and, as through ``optax.chain(inner, posconstr.project(...))``,
+  the parameters (Adam turns ``inf`` into a NaN step).
 
   Where step 1 zeroed a gradient, a NaN step from ``inner`` is taken as 0:
   ``optax.adam``'s default ``eps=1e-8`` is 0 in float16, so Adam's step for
@@ -102,7 +118,8 @@ def projected(inner: optax.GradientTransformation, constraint,
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    make_plan(params)
+    if not _selection.is_params_placeholder(params):  # tree_map_params
+      make_plan(params)
     return ProjectedState(inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -117,4 +134,5 @@ def projected(inner: optax.GradientTransformation, constraint,
     return (_projection.land(plan, steps, params, owner),
             ProjectedState(inner_state))
 
+  update_fn.posconstr_plan = make_plan  # For posconstr.chain's checks.
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

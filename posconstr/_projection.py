@@ -12,6 +12,7 @@ from posconstr import _constraint
 from posconstr import _intervals
 from posconstr import _landing
 from posconstr import _selection
+from posconstr import _tree_projection
 
 Mask = Any  # None | str | list[str] | bool pytree | Callable[[params], bool pytree]
 
@@ -68,7 +69,8 @@ def projection_from_plan(make_plan: Callable[[Any], list],
   """
 
   def init_fn(params):
-    make_plan(params)
+    if not _selection.is_params_placeholder(params):
+      make_plan(params)
     return ProjectionState()
 
   def update_fn(updates, state, params=None):
@@ -102,9 +104,14 @@ def check_constraint_arg(constraint, name: str, owner: str) -> None:
     if hasattr(constraint, "forward") and hasattr(constraint, "inverse"):
       hint = (" It looks like a parameterization; pass its `.constraint`, "
               "or use it with `reparam` instead.")
+    elif callable(constraint) and not isinstance(constraint, type):
+      hint = (" Of functions, `project` and `project_params` accept Optax's "
+              "whole-tree projections (optax.projections.projection_*); for "
+              "a set of your own, subclass posconstr.Constraint.")
     raise TypeError(
         f"{owner}: `{name}` must be a constraint set (NonNegative, Box, "
-        f"Simplex, MaxNorm, UnitNorm, MinMaxNorm), got {constraint!r} of type "
+        f"Simplex, MaxNorm, UnitNorm, MinMaxNorm or a posconstr.Constraint "
+        f"subclass), got {constraint!r} of type "
         f"{type(constraint).__name__}.{hint}")
 
 
@@ -117,12 +124,19 @@ def project_params(params, constraint, mask: Mask = None):
   ``optax.apply_updates`` inside the same jitted step, which for norm sets
   on XLA:CPU avoids the scratch buffers of the in-optimizer form.
 
+  ``constraint`` may also be one of Optax's whole-tree projections, such as
+  ``optax.projections.projection_simplex`` (see :func:`project`).
+
   Example:
     >>> import jax.numpy as jnp, posconstr
     >>> params = {"kernel": jnp.array([-1.0, 2.0]), "bias": jnp.array([-3.0])}
     >>> posconstr.project_params(params, posconstr.NonNegative(), mask="kernel")
     {'bias': Array([-3.], dtype=float32), 'kernel': Array([0., 2.], dtype=float32)}
   """
+  if _tree_projection.is_tree_projection(constraint):
+    _selection.check_mask_arg(mask, "project_params")
+    return _tree_projection.project_tree(params, constraint, mask,
+                                         "project_params")
   plan = plan_maker(constraint, mask, "project_params")(params)
   return map_plan(plan, lambda c, x, _: c.project(x), params, params,
                   "project_params")
@@ -147,15 +161,39 @@ def project(constraint: _constraint.Constraint,
     ``-inf`` towards a lower bound lands on the bound; compose with
     ``optax.apply_if_finite`` to skip non-finite steps instead.
 
+  **Optax's projection functions.** ``constraint`` may also be one of
+  Optax's projections, ``optax.projections.projection_*`` (bind extra
+  arguments with ``functools.partial``). It receives the *whole tree*
+  of selected leaves at once (unselected ones are ``optax.MaskedNode()``),
+  whereas posconstr's sets act leaf by leaf and, for ``Simplex`` and the
+  norm sets, slice by slice along ``axis``: ``Simplex(axis=0)`` makes each
+  column of each kernel a distribution, ``projection_simplex`` makes all
+  the selected entries together one distribution. The landing is ``t - p``
+  where the point moved: exact for bounds at 0, within rounding otherwise
+  (posconstr's sets land bit for bit).
+
+  >>> import jax.numpy as jnp, optax, posconstr
+  >>> w = {"w": jnp.array([[2.0, 0.0], [0.0, 1.0]])}
+  >>> posconstr.project_params(w, posconstr.Simplex(axis=0))["w"]  # per column
+  Array([[1., 0.],
+         [0., 1.]], dtype=float32)
+  >>> posconstr.project_params(w, optax.projections.projection_simplex)["w"]
+  Array([[1., 0.],
+         [0., 0.]], dtype=float32)
+
   Args:
-    constraint: the set, e.g. :class:`posconstr.NonNegative`.
-    mask: which leaves to project. ``None``: every floating-point leaf; a glob
-      pattern or a list of them, matched case-sensitively against paths with
-      keys joined by ``/`` (``"*/kernel"`` matches ``Dense_0/kernel`` in linen
-      params and ``linear/kernel`` in NNX state); a bool pytree that is a
-      prefix of the params; or a callable ``params -> bool pytree``. A pattern
-      that matches no path is an error. Unselected leaves are returned as
-      they are.
+    constraint: the set, e.g. :class:`posconstr.NonNegative`, or one of
+      Optax's whole-tree projections (above).
+    mask: which leaves to project. ``None``: every floating-point array leaf
+      (as ``eqx.is_inexact_array``; Python scalars, functions and other
+      objects in the tree are left alone); a glob pattern or a list of them,
+      matched case-sensitively against paths with keys joined by ``/``
+      (``"*/kernel"`` matches ``Dense_0/kernel`` in linen params and
+      ``linear/kernel`` in NNX state); a bool pytree that is a prefix of the
+      params (an ``eqx.Module`` of bools too); or a function
+      ``params -> bool pytree``. As in ``optax.masked``, a mask is a function
+      only if it is callable and not a pytree of bools. A pattern that matches
+      no path is an error. Unselected leaves are returned as they are.
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` requires ``params``.
@@ -169,6 +207,10 @@ def project(constraint: _constraint.Constraint,
     >>> optax.apply_updates(params, updates)["w"]
     Array([0., 1.], dtype=float32)
   """
+  if _tree_projection.is_tree_projection(constraint):
+    return _tree_projection.tree_projection(
+        constraint, mask, f"project({_tree_projection._name(constraint)})",
+        ProjectionState, require_params)
   check_constraint_arg(constraint, "constraint", "project")
   owner = f"project({constraint!r})"
   return projection_from_plan(plan_maker(constraint, mask, owner), owner)

@@ -1,4 +1,5 @@
-"""Applying parameterizations to pytrees: ``reparam``, ``unreparam``, ``dead_fraction``."""
+"""Applying parameterizations to pytrees: ``reparam``, ``unreparam`` and
+``dead_fraction``."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def check_parameterization_arg(value, name: str, owner: str) -> None:
               "for Box(l, u)), or use it with `project`.")
     raise TypeError(
         f"{owner}: `{name}` must be a parameterization (Softplus, Exp, Square,"
-        f" Abs, ReLU, Sigmoid), got {value!r} of type "
+        f" Abs, ReLU, Sigmoid or a posconstr.Parameterization subclass), got "
+        f"{value!r} of type "
         f"{type(value).__name__}.{hint}")
 
 
@@ -124,7 +126,8 @@ def dead_fraction(latents, rules: Rules, mask=None,
   """Per matching path, the fraction of latents whose derivative is < ``tol``.
 
   Counts relu's dying synapses and sigmoid's saturation during training.
-  Jittable: returns a dict of scalar arrays.
+  Jittable: returns a dict of scalar arrays. A leaf with a NaN latent gets
+  a NaN fraction, so that a diverged run does not pass for a healthy one.
 
   Example:
     >>> import jax.numpy as jnp, posconstr
@@ -138,6 +141,11 @@ def dead_fraction(latents, rules: Rules, mask=None,
   plan = make_plan(latents, rules, mask, "dead_fraction")
   paths, leaves, _ = _paths.leaves_with_paths(latents)
   return {
-      path: jnp.mean(p.dead(leaf, tol).astype(jnp.float32))
+      path: _fraction(p, jnp.asarray(leaf), tol)
       for path, leaf, p in zip(paths, leaves, plan) if p is not None
   }
+
+
+def _fraction(parameterization, leaf, tol):
+  frac = jnp.mean(parameterization.dead(leaf, tol).astype(jnp.float32))
+  return jnp.where(jnp.any(jnp.isnan(leaf)), jnp.nan, frac)

@@ -1,4 +1,5 @@
-"""Constraint diagnostics: how many weights sit on a bound, and are stuck there."""
+"""Constraint diagnostics: how many weights sit on a bound, and are stuck
+there."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def constraint_report(params, constraint, grads=None, *,
     >>> import jax.numpy as jnp, posconstr
     >>> params = {"w": jnp.array([0.0, 0.0, 1.0, 2.0])}
     >>> grads = {"w": jnp.array([1.0, -1.0, 1.0, 1.0])}
-    >>> report = posconstr.constraint_report(params, posconstr.NonNegative(), grads)
+    >>> report = posconstr.constraint_report(params, posconstr.NonNegative(),
+    ...                                      grads)
     >>> float(report["w"].on_bound), float(report["w"].stuck)
     (0.5, 0.25)
   """

@@ -12,12 +12,64 @@ import numbers
 from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from posconstr import _paths
 
 Plan = List[Optional[Any]]
+
+try:  # The tree ``optax.tree_utils.tree_map_params`` passes to ``init``.
+  from optax.tree_utils._state_utils import _ParamsPlaceholder
+except ImportError:  # pragma: no cover (an Optax without it)
+  _ParamsPlaceholder = ()
+
+
+def is_params_placeholder(tree) -> bool:
+  """True for the leafless stand-in ``optax.tree_utils.tree_map_params`` uses.
+
+  It calls ``init`` on a placeholder to find where the optimizer state holds
+  copies of the params; masks and rules cannot apply to it (it has no paths),
+  so plans for it are empty, as ``optax.masked`` does.
+  """
+  return isinstance(tree, _ParamsPlaceholder)
+
+
+class PathFilter:
+  """A rule key that is not a glob: ``fn(path, leaf) -> bool``.
+
+  Built by adapters (NNX filters in :mod:`posconstr.nnx`); ``label`` names
+  it in error messages.
+  """
+
+  def __init__(self, fn: Callable[[str, Any], bool], label: str):
+    self.fn = fn
+    self.label = label
+
+  def __call__(self, path: str, leaf) -> bool:
+    return bool(self.fn(path, leaf))
+
+  def __repr__(self):
+    return self.label
+
+
+def rule_matches(key, path: str, leaf) -> bool:
+  """Does a rule key (glob pattern or :class:`PathFilter`) select a leaf?"""
+  if isinstance(key, PathFilter):
+    return key(path, leaf)
+  return _paths.matches(key, path)
+
+
+def is_mask_function(mask) -> bool:
+  """``optax.masked``'s rule: a mask is a function unless it is a pytree.
+
+  A callable counts as a function only if its leaves are callables too (a
+  plain function is its own leaf). An ``eqx.Module`` of booleans is callable
+  but is a bool pytree, so it is a mask *tree*.
+  """
+  if not callable(mask):
+    return False
+  leaves = jax.tree.leaves(mask)
+  return not leaves or all(callable(leaf) for leaf in leaves)
 
 
 def is_pattern_list(mask) -> bool:
@@ -83,6 +135,7 @@ def _prefix_mismatch(mask_paths, param_paths) -> str:
 
 
 def _bool_tree_selection(mask, params, owner) -> List[bool]:
+  """One bool per leaf of ``params`` from a bool tree that is a prefix."""
   mask_paths, mask_leaves, mask_def = _paths.leaves_with_paths(mask)
   param_paths = _paths.leaves_with_paths(params)[0]
   try:
@@ -102,34 +155,56 @@ def _bool_tree_selection(mask, params, owner) -> List[bool]:
 def select(params, mask, owner: str) -> List[bool]:
   """Resolves ``mask`` into one bool per leaf of ``params``.
 
+  Only parameters are ever selected: array leaves and Python numbers. Other
+  leaves (functions, strings, objects) are left alone whatever the mask, and
+  ``None`` selects only floating-point arrays, as ``eqx.is_inexact_array``
+  does (Python floats and integer arrays stay unselected).
+
   Args:
     params: the params tree.
-    mask: None (every floating-point leaf), a glob pattern or list of them,
-      a callable ``params -> bool tree``, or a bool tree that is a prefix of
-      ``params``.
+    mask: None (every floating-point array), a glob pattern or list of them,
+      a function ``params -> bool tree``, or a bool tree that is a prefix of
+      ``params`` (an ``eqx.Module`` of bools included; see
+      :func:`is_mask_function`).
     owner: the transform's name, for error messages.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> tree = {"w": jnp.ones(2), "n": jnp.arange(2), "act": jnp.tanh}
+    >>> select(tree, None, "demo")  # leaves in key order: act, n, w
+    [False, False, True]
   """
+  if is_params_placeholder(params):
+    return []
   paths, leaves, _ = _paths.leaves_with_paths(params)
   if mask is None:
-    return [jnp.issubdtype(_paths.leaf_dtype(x), jnp.floating) for x in leaves]
+    return [_paths.is_float_array(x) for x in leaves]
+  usable = [_paths.is_parameter(x) for x in leaves]
   if isinstance(mask, str) or is_pattern_list(mask):
     patterns = [mask] if isinstance(mask, str) else list(mask)
-    selected = [any(_paths.matches(pat, p) for pat in patterns) for p in paths]
+    paths = [p if ok else None for p, ok in zip(paths, usable)]
+    selected = [p is not None and any(_paths.matches(pat, p) for pat in patterns)
+                for p in paths]
     unmatched = [pat for pat in patterns
-                 if not any(_paths.matches(pat, p) for p in paths)]
+                 if not any(p is not None and _paths.matches(pat, p)
+                            for p in paths)]
     if unmatched:
-      raise _unmatched_patterns_error(owner, unmatched, paths)
+      raise _unmatched_patterns_error(
+          owner, unmatched, [p for p in paths if p is not None])
     return selected
-  if callable(mask):
+  if is_mask_function(mask):
     mask = mask(params)
-    if callable(mask) and not isinstance(mask, (dict, list, tuple)):
+    if is_mask_function(mask):
       raise TypeError(f"{owner}: a callable `mask` must return a bool tree, "
                       f"got {mask!r}.")
-  return _bool_tree_selection(mask, params, owner)
+  chosen = _bool_tree_selection(mask, params, owner)
+  return [pick and ok for pick, ok in zip(chosen, usable)]
 
 
 def plan_from_mask(params, constraint, mask, owner: str) -> Plan:
   """One constraint per selected leaf, validated against its shape and dtype."""
+  if is_params_placeholder(params):
+    return []
   paths, leaves, _ = _paths.leaves_with_paths(params)
   plan = []
   for path, leaf, chosen in zip(paths, leaves, select(params, mask, owner)):
@@ -140,14 +215,18 @@ def plan_from_mask(params, constraint, mask, owner: str) -> Plan:
 
 
 def check_rules(rules, owner: str, expected_type, kind: str) -> dict:
-  """Construction-time checks of a ``{pattern: object-or-None}`` mapping."""
+  """Construction-time checks of a ``{pattern: object-or-None}`` mapping.
+
+  Keys are glob patterns, or :class:`PathFilter` objects from an adapter.
+  """
   if not isinstance(rules, Mapping):
     raise TypeError(f"{owner}: `rules` must be a mapping from path patterns to "
                     f"{kind}s, got {type(rules).__name__}.")
   if not rules:
     raise ValueError(f"{owner}: `rules` must not be empty.")
   for pattern, value in rules.items():
-    if not isinstance(pattern, str) or not pattern:
+    if not isinstance(pattern, PathFilter) and (
+        not isinstance(pattern, str) or not pattern):
       raise TypeError(f"{owner}: rule keys must be non-empty path patterns "
                       f"(str), got {pattern!r}.")
     if value is not None and not isinstance(value, expected_type):
@@ -167,31 +246,38 @@ def _check_leaf(constraint, leaf, path):
                         _paths.shown(path))
 
 
-def plan_from_rules(params, rules: Mapping[str, Any], owner: str,
+def plan_from_rules(params, rules: Mapping[Any, Any], owner: str,
                     validate: Callable = _check_leaf) -> Plan:
-  """The first rule whose pattern matches a leaf's path decides its entry.
+  """The first rule whose key matches a leaf's path decides its entry.
 
-  A rule that matches no path, or only paths that earlier rules took, is an
-  error: it is almost always a typo or a rule in the wrong order.
+  Keys are glob patterns or :class:`PathFilter` objects. Only parameters
+  (see :func:`select`) are matched. A rule that matches no path, or only
+  paths that earlier rules took, is an error: it is almost always a typo or
+  a rule in the wrong order.
   """
+  if is_params_placeholder(params):
+    return []
   paths, leaves, _ = _paths.leaves_with_paths(params)
-  winners = set()
+  matched, winners = set(), set()
   plan = []
   for path, leaf in zip(paths, leaves):
-    entry = None
-    for pattern, value in rules.items():
-      if _paths.matches(pattern, path):
-        winners.add(pattern)
-        entry = value
-        break
+    entry, won = None, False
+    if _paths.is_parameter(leaf):
+      for key, value in rules.items():
+        if rule_matches(key, path, leaf):
+          matched.add(key)
+          if not won:
+            winners.add(key)
+            entry, won = value, True
     if entry is not None:
       validate(entry, leaf, path)
     plan.append(entry)
-  unmatched = [p for p in rules
-               if not any(_paths.matches(p, path) for path in paths)]
+  unmatched = [key for key in rules if key not in matched]
   if unmatched:
-    raise _unmatched_patterns_error(owner, unmatched, paths)
-  shadowed = [p for p in rules if p not in winners]
+    raise _unmatched_patterns_error(
+        owner, unmatched,
+        [p for p, x in zip(paths, leaves) if _paths.is_parameter(x)])
+  shadowed = [key for key in rules if key not in winners]
   if shadowed:
     raise ValueError(
         f"{owner}: rule(s) {shadowed!r} only match paths that earlier rules "

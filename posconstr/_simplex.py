@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -14,7 +16,7 @@ def _to_last(x, axes):
   perm = rest + list(axes)
   moved = jnp.transpose(x, perm)
   merged = moved.reshape(moved.shape[:len(rest)] + (-1,))
-  inverse = np.argsort(perm)
+  inverse = tuple(int(i) for i in np.argsort(perm))
 
   def undo(y):
     return jnp.transpose(y.reshape(moved.shape), inverse)
@@ -38,10 +40,12 @@ def project_last_axis(v, scale):
   support = mu - cumulative / ks > 0
   rho = jnp.sum(support, axis=-1, keepdims=True)  # >= 1 for finite input
   rho = jnp.maximum(rho, 1)
-  theta = jnp.take_along_axis(cumulative, rho - 1, axis=-1) / rho.astype(v.dtype)
+  theta = (jnp.take_along_axis(cumulative, rho - 1, axis=-1)
+           / rho.astype(v.dtype))
   return jnp.maximum(v - theta, 0)
 
 
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Simplex(base.Constraint):
   r"""Non-negative slices summing to ``scale``.
 
@@ -59,28 +63,31 @@ class Simplex(base.Constraint):
   :math:`|\sum x - s| \le 2 n \varepsilon s`, the worst-case error of an
   ``n``-term sum in the leaf's dtype. Non-negativity is exact.
 
+  Slices are those of the leaves Optax passes: inside ``optax.flatten``
+  every parameter is one vector. An empty slice cannot sum to ``scale``:
+  ``check_leaf`` refuses such leaves and their ``violation`` is positive.
+
   Args:
-    scale: the sum of each slice, ``> 0``.
+    scale: the sum of each slice, ``> 0``. It may be traced
+      (``optax.inject_hyperparams``); a traced ``scale <= 0`` is NaN, and so
+      is every result.
     axis: the axis or axes along which slices sum to ``scale``.
 
   Example:
     >>> import jax.numpy as jnp
     >>> from posconstr import Simplex
-    >>> [round(float(v), 4) for v in Simplex().project(jnp.array([0.5, 0.5, 1.0]))]
+    >>> x = jnp.array([0.5, 0.5, 1.0])
+    >>> [round(float(v), 4) for v in Simplex().project(x)]
     [0.1667, 0.1667, 0.6667]
   """
 
-  def __init__(self, scale: float = 1.0, axis: base.Axis = 0):
-    base.check_real("scale", scale, "Simplex")
-    if float(scale) <= 0:
-      raise ValueError(f"Simplex: `scale` must be > 0, got {scale!r}.")
-    self._init(scale=float(scale), axis=base.check_axis(axis, "Simplex"))
+  scale: float = 1.0
+  axis: base.Axis = 0
 
-  def _key(self):
-    return (self.scale, self.axis)
-
-  def __repr__(self):
-    return f"Simplex(scale={self.scale!r}, axis={self.axis!r})"
+  def __post_init__(self):
+    object.__setattr__(self, "scale", base.hyperparameter(
+        "scale", self.scale, "Simplex", lambda v: v > 0, "> 0"))
+    object.__setattr__(self, "axis", base.check_axis(self.axis, "Simplex"))
 
   def check_leaf(self, shape, dtype, path="x"):
     base.check_float_dtype(dtype, repr(self), path)
@@ -89,20 +96,23 @@ class Simplex(base.Constraint):
       raise ValueError(f"{self!r}: parameter `{path}` of shape {tuple(shape)}"
                        " has empty slices, which cannot sum to `scale`.")
 
+  def _input(self, x, method, name="x"):
+    return base.float_input(x, f"{self!r}.{method}", name)
+
   def _axes(self, x):
     return base.normalize_axes(self.axis, x.ndim, repr(self), "x")
 
   def project(self, x):
-    x = jnp.asarray(x)
+    x = self._input(x, "project")
     axes = self._axes(x)
     if x.size == 0:
-      return x
+      return x  # No coordinates to move (empty slices stay infeasible).
     acc = base.accumulation_dtype(x.dtype)
     flat, undo = _to_last(x.astype(acc), axes)
     return undo(project_last_axis(flat, self.scale)).astype(x.dtype)
 
   def active(self, x):
-    return jnp.asarray(x) <= 0
+    return self._input(x, "active") <= 0
 
   def pushing_out(self, x, grad):
     """Zero coordinates whose gradient exceeds the slice's multiplier.
@@ -111,8 +121,9 @@ class Simplex(base.Constraint):
     below the common gradient ``lambda`` of the support (the KKT
     multiplier, estimated as the mean gradient over ``x > 0``).
     """
-    x = jnp.asarray(x)
-    grad = jnp.asarray(grad).astype(base.accumulation_dtype(x.dtype))
+    x = self._input(x, "pushing_out")
+    grad = self._input(grad, "pushing_out", "grad")
+    grad = grad.astype(base.accumulation_dtype(x.dtype))
     axes = self._axes(x)
     support = x > 0
     count = jnp.maximum(jnp.sum(support, axis=axes, keepdims=True), 1)
@@ -121,13 +132,12 @@ class Simplex(base.Constraint):
     return (~support) & (grad > multiplier)
 
   def violation(self, x):
-    x = jnp.asarray(x)
+    x = self._input(x, "violation")
     axes = self._axes(x)
     acc = base.accumulation_dtype(x.dtype)
     xs = x.astype(acc)
-    if x.size == 0:
-      return jnp.zeros((), acc)
     n = base.slice_size(x.shape, axes)
     tol = base.rounding_tolerance(x.dtype, n) * self.scale
+    # Per slice, also when the slices are empty (their sum is 0).
     sum_error = jnp.abs(jnp.sum(xs, axis=axes) - self.scale) - tol
     return jnp.maximum(base.max_or_zero(-xs), base.max_or_zero(sum_error))

@@ -1,4 +1,5 @@
-"""Initializers for constrained weights: ICNN (Hoedt & Klambauer 2023), ``through``.
+"""Initializers for constrained weights: ICNN (Hoedt & Klambauer 2023) and
+``through``.
 
 All are Flax-style: ``init(key, shape, dtype=jnp.float32) -> array``.
 """
@@ -15,6 +16,9 @@ import numpy as np
 
 from posconstr import _parameterizations
 from posconstr import _reparam
+
+__all__ = ["ICNNMoments", "Initializer", "icnn", "icnn_bias", "icnn_moments",
+           "through"]
 
 Initializer = Callable[..., jax.Array]
 
@@ -41,7 +45,8 @@ def _check(rho, var, bias_noise, alpha):
   if not var > 0:
     raise ValueError(f"icnn: `var` must be > 0, got {var!r}.")
   if not 0.0 <= bias_noise < 1.0:
-    raise ValueError(f"icnn: `bias_noise` must be in [0, 1), got {bias_noise!r}.")
+    raise ValueError(
+        f"icnn: `bias_noise` must be in [0, 1), got {bias_noise!r}.")
   if not alpha >= 0:
     raise ValueError(f"icnn: `alpha` must be >= 0, got {alpha!r}.")
 
@@ -93,7 +98,8 @@ def _fan_in(shape: Sequence[int], in_axis: Union[int, Sequence[int]],
   """Fan-in as in ``jax.nn.initializers.variance_scaling``."""
   shape = tuple(shape)
   if len(shape) < 2:
-    raise ValueError(f"icnn: a kernel of rank >= 2 is needed, got shape {shape}.")
+    raise ValueError(
+        f"icnn: a kernel of rank >= 2 is needed, got shape {shape}.")
   ins = [in_axis] if isinstance(in_axis, int) else list(in_axis)
   outs = [out_axis] if isinstance(out_axis, int) else list(out_axis)
   for name, axes in (("in_axis", ins), ("out_axis", outs)):
@@ -153,26 +159,47 @@ def icnn_bias(fan_in: int, rho: float = 0.5, var: float = 1.0,
 
 
 def through(parameterization: _parameterizations.Parameterization,
-            init: Initializer) -> Initializer:
+            init: Initializer, *, fold: bool = True) -> Initializer:
   """Draws the applied weights from ``init`` and returns their latents.
 
-  Values outside the parameterization's range raise ``ValueError`` when
-  concrete; fold them first (``parameterization.fold``) for zero-mean
-  initializers.
+  The same latents, up to rounding, eagerly and under ``jax.jit``
+  (``model.init``): with
+  ``fold=True`` (the default) the draws are first mapped into the range by
+  ``parameterization.fold``, as the layers of :mod:`posconstr.linen` and
+  :mod:`posconstr.nnx` do: the identity for draws already in the range
+  (``icnn``), the half distribution for a zero-mean initializer
+  (``lecun_normal`` under ``Softplus``: a half-normal). With
+  ``fold=False`` a draw outside the range is an error: ``ValueError`` when
+  concrete, and a NaN latent under ``jit`` (never a silently clamped, dead
+  one).
 
   Example:
-    >>> import jax, posconstr
+    >>> import jax, jax.numpy as jnp, posconstr
     >>> from posconstr import initializers
     >>> g = posconstr.Softplus()
     >>> latent_init = initializers.through(g, initializers.icnn())
     >>> latent = latent_init(jax.random.key(0), (64, 32))
     >>> bool((g.forward(latent) > 0).all())
     True
+    >>> normal = jax.nn.initializers.lecun_normal()
+    >>> eager = initializers.through(g, normal)(jax.random.key(0), (64, 32))
+    >>> jitted = jax.jit(initializers.through(g, normal), static_argnums=1)(
+    ...     jax.random.key(0), (64, 32))
+    >>> bool(jnp.allclose(eager, jitted, rtol=1e-5)), float(g.forward(eager).min()) > 0
+    (True, True)
   """
   _reparam.check_parameterization_arg(parameterization, "parameterization",
                                       "initializers.through")
+  if not isinstance(fold, bool):
+    raise TypeError(f"initializers.through: `fold` must be a bool, got "
+                    f"{fold!r}.")
 
   def latent_init(key, shape, dtype=jnp.float32):
-    return parameterization.inverse(init(key, shape, dtype))
+    value = init(key, shape, dtype)
+    if fold:
+      return parameterization.inverse(parameterization.fold(value))
+    latent = parameterization.inverse(value)  # Raises when concrete.
+    bad = parameterization.out_of_range(jnp.asarray(value))
+    return jnp.where(bad, jnp.full_like(latent, jnp.nan), latent)
 
   return latent_init

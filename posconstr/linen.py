@@ -4,26 +4,94 @@
 ``forward(latent)``. Initialization draws the *applied* weights and stores
 their latents through the parameterization's stable inverse, so the forward
 map is never applied twice (the trap of a bare ``nn.map_variables``).
+
+**Paths.** A :class:`Reparameterized` adds no level of its own: inside it,
+the wrapped module's variables have the paths that module gives them when
+it is initialized on its own (``kernel`` for ``nn.Dense``, ``layers_0/kernel``
+for ``nn.Sequential([nn.Dense(...), ...])``), under the wrapper's name in a
+parent (``Reparameterized_0/layers_0/kernel``). ``rules`` match those
+relative paths; optimizers and :func:`posconstr.constrain` see the full ones.
+Submodules of the wrapped module always live inside the wrapper, even when
+they were constructed in a parent's ``@nn.compact`` method.
+
+>>> import jax, jax.numpy as jnp, flax.linen as nn, posconstr
+>>> from posconstr.linen import Reparameterized
+>>> seq = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+>>> layer = Reparameterized(seq, kernel=None,
+...                         rules={"*/kernel": posconstr.Softplus()})
+>>> params = layer.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+>>> sorted(params), sorted(params["layers_0"])
+(['layers_0', 'layers_2'], ['bias', 'kernel'])
+
+A variable is reparameterized at most once: a wrapper inside a wrapper, or a
+:class:`NonNegDense` inside one, whose latents the outer rules also match,
+raises ``ValueError`` instead of computing ``g(g(z))``.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from posconstr import _adapters
 from posconstr import _parameterizations
+from posconstr import _paths
 from posconstr import _reparam
+
+__all__ = ("NonNegDense", "Reparameterized")
 
 Initializer = Callable[..., jax.Array]
 
+# The Reparameterized wrappers whose module is running: (scope path, rules).
+_ACTIVE = contextvars.ContextVar("posconstr_linen_active", default=())
+
 
 def _module_fields(module: nn.Module) -> dict:
+  """The constructor arguments of an unbound deep copy of ``module``.
+
+  Submodules (``nn.Sequential``'s layers) are copied unbound and unnamed, so
+  the wrapped copy adopts them: their variables live in the wrapper's scope
+  under the names the module gives them on its own.
+  """
+  module = module.clone(parent=None, _deep_clone=True, _reset_names=True)
   return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
           if f.init and f.name not in ("parent", "name")}
+
+
+def _check_once(scope_path: Sequence[str], paths: Sequence[str], what: str,
+                own_rules=None) -> None:
+  """Raises if an enclosing wrapper also reparameterizes one of ``paths``.
+
+  ``paths`` are relative to ``scope_path``, the scope of ``what`` (the
+  wrapper or layer whose variables hold latents).
+  """
+  for outer_path, rules in _ACTIVE.get():
+    if rules is own_rules or tuple(scope_path[:len(outer_path)]) != outer_path:
+      continue
+    rel = tuple(scope_path[len(outer_path):])
+    for path in paths:
+      full = "/".join(rel + (path,))
+      hit = next((k for k in rules if _paths.matches(k, full)), None)
+      if hit is not None and rules[hit] is not None:
+        where = "/".join(outer_path) or "the top-level module"
+        raise ValueError(
+            f"Reparameterized: variable `{full}` already holds a latent of "
+            f"{what}, and the Reparameterized at `{where}` matches it again "
+            f"(rule {hit!r}: {rules[hit]!r}); that would read it as g(g(z)). "
+            "Reparameterize each variable once: drop the outer rule, map the "
+            "path to None there, or wrap a plain module.")
+
+
+def _apply_plan(params, plan):
+  leaves, treedef = jax.tree.flatten(params)
+  return jax.tree.unflatten(
+      treedef, [x if p is None else _adapters.forward(p, x)
+                for p, x in zip(plan, leaves)])
 
 
 def _rules_of(kernel, bias, rules) -> dict:
@@ -54,6 +122,11 @@ class Reparameterized(nn.Module):
   stored as ``inverse(value)``. Works for any module whose variables are
   named by ``kernel=``/``bias=`` or matched by ``rules`` (relative paths
   inside the module): ``Dense``, ``DenseGeneral``, ``Conv``, ``Einsum``...
+
+  ``rules`` and ``kernel=``/``bias=`` match paths relative to the wrapped
+  module, as ``module.init(...)["params"]`` shows them (see the module
+  docstring): ``Reparameterized(nn.Sequential([...]), kernel=None,
+  rules={"*/kernel": Softplus()})`` matches ``layers_0/kernel``.
 
   .. warning::
     A value exactly on an open bound has no finite latent: a zero-initialized
@@ -90,6 +163,14 @@ class Reparameterized(nn.Module):
 
   def setup(self):
     rules = _rules_of(self.kernel, self.bias, self.rules)
+    if isinstance(self.module, Reparameterized):
+      inner = self.module.module
+      raise ValueError(
+          "Reparameterized: `module` is already a Reparameterized (of "
+          f"{type(inner).__name__}); wrapping it again would read its latents "
+          "as g(g(z)). Give all the parameterizations to one wrapper: "
+          f"Reparameterized({type(inner).__name__}(...), kernel=..., "
+          "bias=..., rules=...).")
     fields = _module_fields(self.module)
     for name, init in (("kernel_init", self.kernel_init),
                        ("bias_init", self.bias_init)):
@@ -101,11 +182,19 @@ class Reparameterized(nn.Module):
         fields[name] = init
     initializing = self.is_initializing()
 
+    def planned(params):
+      plan = _reparam.make_plan(params, rules, None, "Reparameterized")
+      paths = _paths.leaves_with_paths(params)[0]
+      _check_once(self.scope.path,
+                  [p for p, g in zip(paths, plan) if g is not None],
+                  "an inner Reparameterized", own_rules=self._rules)
+      return plan
+
     def to_applied(variables):
       params = variables.get("params", {})
       if not params:
         return variables
-      return {**variables, "params": _reparam.reparam(params, rules)}
+      return {**variables, "params": _apply_plan(params, planned(params))}
 
     def to_latent(variables):
       params = variables.get("params", {})
@@ -114,7 +203,7 @@ class Reparameterized(nn.Module):
       # Both the fresh values and (at the end of init) the applied view come
       # through here: folding is the identity on the range, so the round
       # trip stores inverse(forward(latent)) ~= latent, never g(g(.)).
-      plan = _reparam.make_plan(params, rules, None, "Reparameterized")
+      plan = planned(params)
       folded = jax.tree.map(
           lambda p, v: v if p is None else p.fold(v),
           jax.tree.structure(params).unflatten(plan), params,
@@ -129,7 +218,12 @@ class Reparameterized(nn.Module):
     self._rules = rules
 
   def __call__(self, *args, **kwargs):
-    return self.wrapped(*args, **kwargs)
+    token = _ACTIVE.set(_ACTIVE.get() + ((tuple(self.scope.path),
+                                          self._rules),))
+    try:
+      return self.wrapped(*args, **kwargs)
+    finally:
+      _ACTIVE.reset(token)
 
   def applied(self):
     """The applied (constrained) params of the wrapped module."""
@@ -166,12 +260,14 @@ class NonNegDense(nn.Module):
     g = self.parameterization
     _reparam.check_parameterization_arg(g, "parameterization", "NonNegDense")
 
+    _check_once(self.scope.path, ["kernel"], "a NonNegDense")
+
     def latent_init(key, shape, dtype):
-      return g.inverse(g.fold(self.kernel_init(key, shape, dtype)))
+      return _adapters.latent_of(g, self.kernel_init(key, shape, dtype))
 
     latent = self.param("kernel", latent_init, (jnp.shape(x)[-1], self.features),
                         self.param_dtype)
-    kernel = g.forward(latent)
+    kernel = _adapters.forward(g, latent)
     dtype = self.dtype or jnp.result_type(x, kernel)
     y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
     if self.use_bias:

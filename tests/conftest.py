@@ -1,4 +1,4 @@
-"""Test configuration: shared fixtures; helper scripts pytest must not import."""
+"""Shared test fixtures; helper scripts pytest must not import."""
 
 import jax
 import pytest
@@ -9,7 +9,5 @@ collect_ignore = ["sharding_check.py"]
 @pytest.fixture
 def x64():
   """float64 for one test only: ``jax.enable_x64`` restores the flag after."""
-  before = jax.config.read("jax_enable_x64")
   with jax.enable_x64(True):
     yield
-  assert jax.config.read("jax_enable_x64") == before

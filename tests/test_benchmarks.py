@@ -117,6 +117,7 @@ def test_quick_suite_writes_json_and_prints_tables(tmp_path):
     assert re.search(rf"^\| {name} +\| ok ", summary, re.MULTILINE), summary
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_failing_script_is_recorded_and_others_still_run(tmp_path):
   out = tmp_path / "all.json"
   proc = run_suite(

@@ -255,7 +255,7 @@ def test_nnx_reparameterized_round_trip_and_resume(backend, tmp_path):
   _, params, _ = nnx.split(fresh[0], nnx.Param, ...)
   kernel = np.asarray(nnx.to_pure_dict(params)["module"]["kernel"])
   assert (kernel < 0).any()
-  applied = np.asarray(fresh[0].applied_state()["kernel"][...])
+  applied = np.asarray(fresh[0].applied_state()["module"]["kernel"][...])
   np.testing.assert_array_equal(applied, np.asarray(pc.Softplus().forward(
       jnp.asarray(kernel))))
   _nnx_train(fresh, M)

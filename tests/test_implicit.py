@@ -52,6 +52,7 @@ def test_nnls_jacobian_matches_the_closed_form(x64):
   assert np.all(np.asarray(J_rev)[~free] == 0)
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_jvp_and_vjp_are_adjoint(x64):
   A, b = _nnls_problem(seed=1)
   A_, b_ = jnp.asarray(A), jnp.asarray(b)
@@ -76,6 +77,7 @@ def _central_difference(fun, theta, h):
   return grad
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_bounded_logistic_regression_matches_finite_differences(x64):
   """d(sum of weights)/d(L2 strength, data) for 0 <= w <= 0.5."""
   rng = np.random.default_rng(3)
@@ -102,6 +104,7 @@ def test_bounded_logistic_regression_matches_finite_differences(x64):
   np.testing.assert_allclose(np.asarray(g_X)[:3], fd_X, atol=1e-7)
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_bounded_rosenbrock_matches_finite_differences(x64):
   """The parameters (a, b) of a*(1-x)^2 + b*(y-x^2)^2 summed, on a box
   that makes some coordinates active."""
@@ -124,6 +127,7 @@ def test_bounded_rosenbrock_matches_finite_differences(x64):
   np.testing.assert_allclose(J, J_fd, atol=1e-6)
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_active_bounds_carry_their_coordinates(x64):
   """d x / d upper = 1 where the upper bound is active, 0 where not."""
   f = lambda x, c: jnp.sum((x - c) ** 2)
@@ -174,6 +178,7 @@ def test_optimal_value_follows_the_envelope_theorem(x64):
                              atol=1e-10)
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_vmapped_gradients_match_per_problem(x64):
   As, bs = zip(*[_nnls_problem(seed=s, m=12, n=4) for s in range(5)])
   As, bs = jnp.asarray(np.stack(As)), jnp.asarray(np.stack(bs))
@@ -186,6 +191,7 @@ def test_vmapped_gradients_match_per_problem(x64):
                                atol=1e-9)
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_float32_and_mixed_dtype_pytree():
   """float32 data (loose tolerance), and a tree of a float32 and a float64
   leaf: each derivative in its leaf's dtype."""
@@ -209,8 +215,9 @@ def test_float32_and_mixed_dtype_pytree():
     np.testing.assert_allclose(np.asarray(g), [3.0, 0.0], atol=1e-5)
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_matches_jaxopt_implicit_differentiation(x64):
-  jaxopt = pytest.importorskip("jaxopt")
+  import jaxopt  # pylint: disable=g-import-not-at-top  # The test extra has it.
   A, b = _nnls_problem(seed=6)
   A_, b_ = jnp.asarray(A), jnp.asarray(b)
   solver = jaxopt.LBFGSB(fun=_lsq, tol=1e-12, maxiter=2000,

@@ -79,6 +79,7 @@ def test_value_dtype_matches_the_params(x64, make):
   np.testing.assert_allclose(np.asarray(x, np.float64), 1.0, atol=1e-2)
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_converged_state_makes_no_evaluations_and_zero_updates(x64):
   """Non-negative logistic regression: once converged, 450 more steps cost
   nothing (before: 11 evaluations per step, 1544 for 500 steps)."""
@@ -109,6 +110,7 @@ def test_converged_state_makes_no_evaluations_and_zero_updates(x64):
   np.testing.assert_allclose(np.asarray(x), ref.x, atol=1e-6)
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_bounded_rosenbrock_transform_stops_instead_of_cycling(x64):
   f = lambda x: jnp.sum(100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2)
   opt = posconstr.lbfgsb(lower=0.0, upper=0.8)

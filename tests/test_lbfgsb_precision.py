@@ -46,6 +46,7 @@ def _vmapped_product(memory, q, free=None):
   return jax.tree.map(lambda v: v[1], out)
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_vmap_takes_the_two_loop_branch(monkeypatch):
   calls = []
   original = core.two_loop_inverse_hessian
@@ -219,6 +220,7 @@ def test_bad_stall_iters_raise():
                        stall_iters=2.5)
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_vmapped_mixed_dtype_pytree_matches_lanes_and_scipy(x64):
   """The two-loop branch on a float32 and a float64 leaf, per-leaf boxes."""
   rng = np.random.default_rng(5)

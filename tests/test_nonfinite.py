@@ -184,28 +184,40 @@ def test_inf_update_is_projected_like_any_value(inf_results, name, sign):
     assert not np.isfinite(new[1, 0])
 
 
-def test_projected_drops_an_inf_gradient_pushing_out_at_the_bound():
-  """``projected`` zeroes gradient components that push out of the set at
-  coordinates on the bound, +inf included: the weight stays on the bound
-  and Adam's moments get 0, not inf. Elsewhere the inf is not dropped."""
+@pytest.mark.parametrize("sign", [1, -1], ids=["+inf", "-inf"])
+def test_projected_passes_an_inf_gradient_at_the_bound_as_chain_does(sign):
+  """``projected`` zeroes only *finite* gradient components that push out of
+  the set at the bound: an infinite one reaches Adam (whose step is then
+  inf / inf = NaN) and the parameters, bit for bit as through
+  ``chain(adam, project_nonneg())``. (It used to be dropped, turning a
+  diverged gradient into a finite step at the bound.)"""
   params = _params()
-  tx = pc.projected(optax.adam(0.1), pc.NonNegative())
+  txs = {"projected": pc.projected(optax.adam(0.1), pc.NonNegative()),
+         "chain": optax.chain(optax.adam(0.1), pc.project_nonneg())}
 
   @jax.jit
   def run(params):
     out = {}
-    for where, at in (("bound", (0, 0)), ("free", (1, 0))):
-      updates, state = tx.update(_grads(jnp.inf, at), tx.init(params), params)
-      out[where] = (optax.apply_updates(params, updates)["w"],
-                    state.inner_state[0].mu["w"])
+    for name, tx in txs.items():
+      for where, at in (("bound", (0, 0)), ("free", (1, 0))):
+        out[name, where] = _step(tx, params, _grads(sign * jnp.inf, at))["w"]
     return out
 
   out = jax.tree.map(np.asarray, run(params))
-  new, mu = out["bound"]
-  assert new[0, 0] == 0 and mu[0, 0] == 0
-  assert np.isfinite(new).all() and np.isfinite(mu).all()
-  new, mu = out["free"]
-  assert np.isinf(mu[1, 0]) and not np.isfinite(new[1, 0])
+  for where, at in (("bound", (0, 0)), ("free", (1, 0))):
+    np.testing.assert_array_equal(out["projected", where], out["chain", where])
+    assert np.isnan(out["projected", where][at])
+    rest = np.ones((3, 3), bool)
+    rest[at] = False
+    assert np.isfinite(out["projected", where][rest]).all()
+
+
+def test_projected_still_drops_a_finite_gradient_pushing_out_at_the_bound():
+  params = _params()
+  tx = pc.projected(optax.adam(0.1), pc.NonNegative())
+  updates, state = tx.update(_grads(1e30, (0, 0)), tx.init(params), params)
+  assert float(optax.apply_updates(params, updates)["w"][0, 0]) == 0
+  assert float(state.inner_state[0].mu["w"][0, 0]) == 0
 
 
 # ------------------------------------------------------ optax.apply_if_finite

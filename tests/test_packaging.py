@@ -133,7 +133,8 @@ def _check_all(module: types.ModuleType):
 
 
 @pytest.mark.parametrize("name", ["posconstr", "posconstr.initializers",
-                                  "posconstr.linen", "posconstr.nnx"])
+                                  "posconstr.linen", "posconstr.nnx",
+                                  "posconstr.equinox"])
 def test_all_lists_exactly_the_public_names(name):
   module = importlib.import_module(name)
   if not hasattr(module, "__all__"):
@@ -163,7 +164,8 @@ def _public_names(module: types.ModuleType):
 
 
 @pytest.mark.parametrize("name", ["posconstr", "posconstr.initializers",
-                                  "posconstr.linen", "posconstr.nnx"])
+                                  "posconstr.linen", "posconstr.nnx",
+                                  "posconstr.equinox"])
 def test_api_reference_lists_every_public_name(name):
   """docs/api.rst has an entry for each name (its own section per module)."""
   api = pathlib.Path(__file__).resolve().parent.parent / "docs" / "api.rst"

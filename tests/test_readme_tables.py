@@ -8,6 +8,7 @@ here.
 
 import os
 
+import jax
 import pytest
 
 from benchmarks import readme_tables
@@ -38,6 +39,13 @@ def test_a_hand_edit_is_caught():
   text = text[:block.start("body")] + edited + text[block.end("body"):]
   _, changed = readme_tables.regenerate(text)
   assert changed == [block.group("name")]
+
+
+def test_rendering_leaves_the_x64_flag_alone():
+  before = jax.config.read("jax_enable_x64")
+  for name in readme_tables.RENDERERS:
+    readme_tables.render(name)
+  assert jax.config.read("jax_enable_x64") == before
 
 
 def test_unknown_table_name_is_an_error():
