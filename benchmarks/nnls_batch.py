@@ -44,7 +44,7 @@ from benchmarks import _timing
 from benchmarks._blas_threads import BlasThreads, choose_blas_threads
 from benchmarks._nnls_problems import gaussian, make_problem
 from benchmarks._nnls_solvers import posconstr_solve, scipy_lbfgsb
-from posconstr._quadratic import nnls
+from posconstr.solvers._quadratic import nnls
 
 DEFAULT_OUT = os.path.join("/tmp", "posconstr_bench", "nnls_batch.json")
 SCIPY = "scipy nnls loop"

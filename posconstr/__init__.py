@@ -23,47 +23,47 @@ import importlib
 import typing
 
 from posconstr import initializers
-from posconstr._chain_order import chain
-from posconstr._chain_order import check_projection_last
-from posconstr._constrain import constrain
-from posconstr._constraint import Constraint
-from posconstr._intervals import Box
-from posconstr._intervals import NonNegative
-from posconstr._lbfgsb import LbfgsbResult
-from posconstr._lbfgsb import minimize
-from posconstr._lbfgsb_core import Memory as LbfgsbMemory
-from posconstr._lbfgsb_step import SolverState as LbfgsbSolverState
-from posconstr._lbfgsb_step import Status
-from posconstr._lbfgsb_transform import LbfgsbInfo
-from posconstr._lbfgsb_transform import LbfgsbState
-from posconstr._lbfgsb_transform import lbfgsb
-from posconstr._norms import MaxNorm
-from posconstr._norms import MinMaxNorm
-from posconstr._norms import UnitNorm
-from posconstr._parameterizations import Abs
-from posconstr._parameterizations import Exp
-from posconstr._parameterizations import Parameterization
-from posconstr._parameterizations import ReLU
-from posconstr._parameterizations import Sigmoid
-from posconstr._parameterizations import Softplus
-from posconstr._parameterizations import Square
-from posconstr._projected import ProjectedState
-from posconstr._projected import projected
-from posconstr._projection import ProjectionState
-from posconstr._projection import project
-from posconstr._projection import project_box
-from posconstr._projection import project_nonneg
-from posconstr._projection import project_params
-from posconstr._quadratic import QPResult
-from posconstr._quadratic import box_qp
-from posconstr._quadratic import nnls
-from posconstr._reparam import dead_fraction
-from posconstr._reparam import reparam
-from posconstr._reparam import unreparam
-from posconstr._report import LeafReport
-from posconstr._report import constraint_report
-from posconstr._report import format_report
-from posconstr._simplex import Simplex
+from posconstr.sets._constraint import Constraint
+from posconstr.sets._intervals import Box
+from posconstr.sets._intervals import NonNegative
+from posconstr.sets._norms import MaxNorm
+from posconstr.sets._norms import MinMaxNorm
+from posconstr.sets._norms import UnitNorm
+from posconstr.sets._simplex import Simplex
+from posconstr.transforms._chain_order import chain
+from posconstr.transforms._chain_order import check_projection_last
+from posconstr.transforms._constrain import constrain
+from posconstr.transforms._projected import projected
+from posconstr.transforms._projected import ProjectedState
+from posconstr.transforms._projection import project
+from posconstr.transforms._projection import project_box
+from posconstr.transforms._projection import project_nonneg
+from posconstr.transforms._projection import project_params
+from posconstr.transforms._projection import ProjectionState
+from posconstr.transforms._report import constraint_report
+from posconstr.transforms._report import format_report
+from posconstr.transforms._report import LeafReport
+from posconstr.reparam._parameterizations import Abs
+from posconstr.reparam._parameterizations import Exp
+from posconstr.reparam._parameterizations import Parameterization
+from posconstr.reparam._parameterizations import ReLU
+from posconstr.reparam._parameterizations import Sigmoid
+from posconstr.reparam._parameterizations import Softplus
+from posconstr.reparam._parameterizations import Square
+from posconstr.reparam._reparam import dead_fraction
+from posconstr.reparam._reparam import reparam
+from posconstr.reparam._reparam import unreparam
+from posconstr.solvers._lbfgsb import LbfgsbResult
+from posconstr.solvers._lbfgsb import minimize
+from posconstr.solvers._lbfgsb_core import Memory as LbfgsbMemory
+from posconstr.solvers._lbfgsb_step import SolverState as LbfgsbSolverState
+from posconstr.solvers._lbfgsb_step import Status
+from posconstr.solvers._lbfgsb_transform import lbfgsb
+from posconstr.solvers._lbfgsb_transform import LbfgsbInfo
+from posconstr.solvers._lbfgsb_transform import LbfgsbState
+from posconstr.solvers._quadratic import box_qp
+from posconstr.solvers._quadratic import nnls
+from posconstr.solvers._quadratic import QPResult
 
 if typing.TYPE_CHECKING:  # imported lazily at run time, see __getattr__
   from posconstr import equinox

@@ -66,9 +66,9 @@ import equinox as eqx
 import jax
 
 from posconstr import _adapters
-from posconstr import _parameterizations
-from posconstr import _paths
-from posconstr import _reparam
+from posconstr.reparam import _parameterizations
+from posconstr.tree import _paths
+from posconstr.reparam import _reparam
 
 __all__ = ("Reparameterized", "reparameterize", "unwrap")
 

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posconstr import _parameterizations
-from posconstr import _reparam
+from posconstr.reparam import _parameterizations
+from posconstr.reparam import _reparam
 
 __all__ = ["ICNNMoments", "Initializer", "icnn", "icnn_bias", "icnn_moments",
            "through"]

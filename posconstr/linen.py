@@ -39,9 +39,9 @@ import jax
 import jax.numpy as jnp
 
 from posconstr import _adapters
-from posconstr import _parameterizations
-from posconstr import _paths
-from posconstr import _reparam
+from posconstr.reparam import _parameterizations
+from posconstr.tree import _paths
+from posconstr.reparam import _reparam
 
 __all__ = ("NonNegDense", "Reparameterized")
 

@@ -37,10 +37,10 @@ from flax import errors as _flax_errors
 from flax import nnx as _nnx
 
 from posconstr import _adapters
-from posconstr import _parameterizations
-from posconstr import _paths
-from posconstr import _reparam
-from posconstr import _selection
+from posconstr.reparam import _parameterizations
+from posconstr.tree import _paths
+from posconstr.reparam import _reparam
+from posconstr.tree import _selection
 
 __all__ = ("NonNegLinear", "Reparameterized", "reparameterize")
 

@@ -285,7 +285,7 @@ def test_half_precision_projection_lands_exactly_inside(constraint, dtype):
     assert new64.max() <= float(hi) <= 0.3
   # No float d makes p + d hit the bound exactly when the spacing of d
   # (about |p| + |bound|) exceeds the bound's: the landing point is then a
-  # feasible neighbour (posconstr._landing), within an ulp of the operands.
+  # feasible neighbour (posconstr.sets._landing), within an ulp of the operands.
   p64 = np.asarray(params["w"], np.float64)
   want = np.asarray(constraint.project(params["w"] - grads["w"]), np.float64)
   ulp = float(jnp.finfo(dtype).eps) * (np.abs(p64) + np.abs(want))

@@ -14,7 +14,7 @@ import pytest
 import scipy.optimize as so
 
 import posconstr
-from posconstr import _implicit
+from posconstr.solvers import _implicit
 
 
 def _lsq(x, A, b):

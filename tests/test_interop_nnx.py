@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import posconstr
-from posconstr import _paths
+from posconstr.tree import _paths
 
 
 def softplus(z):

@@ -17,7 +17,7 @@ import scipy.optimize as so
 from sklearn import datasets
 
 import posconstr
-from posconstr import _lbfgsb_core as core
+from posconstr.solvers import _lbfgsb_core as core
 from _reference import standardized_diabetes
 
 

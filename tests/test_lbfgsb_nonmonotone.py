@@ -15,7 +15,7 @@ import pytest
 from sklearn import datasets
 
 import posconstr
-from posconstr import _lbfgsb_search as search_lib
+from posconstr.solvers import _lbfgsb_search as search_lib
 
 
 def _square_search(reference):

@@ -12,7 +12,7 @@ import pytest
 import scipy.optimize as so
 
 import posconstr
-from posconstr import _lbfgsb_core as core
+from posconstr.solvers import _lbfgsb_core as core
 
 
 # ------------------------------------------------------------ two-loop

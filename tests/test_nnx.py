@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import posconstr
-from posconstr import _paths
+from posconstr.tree import _paths
 
 RULES = {"*kernel": posconstr.Softplus()}
 

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import posconstr
-from posconstr import _paths
+from posconstr.tree import _paths
 
 
 def _params():

@@ -107,8 +107,23 @@ def test_version_has_one_source():
   assert posconstr.__version__ == importlib.metadata.version("posconstr")
 
 
+def test_layer_folders_have_no_public_names():
+  """Each folder's ``__init__`` only documents it: the API lives in posconstr."""
+  for folder in _IMPLEMENTATION_FOLDERS:
+    package = importlib.import_module(f"posconstr.{folder}")
+    assert package.__doc__, folder
+    public = [n for n in vars(package) if not n.startswith("_")
+              and not isinstance(getattr(package, n), types.ModuleType)]
+    assert not public, (folder, public)
+
+
 def test_py_typed_is_shipped():
   assert importlib.resources.files("posconstr").joinpath("py.typed").is_file()
+
+
+# The layer folders hold the implementation; their names are re-exported by
+# ``posconstr`` itself, so the folders are not API of their own.
+_IMPLEMENTATION_FOLDERS = ("sets", "tree", "transforms", "reparam", "solvers")
 
 
 def _defined_here(module: types.ModuleType, name: str) -> bool:
@@ -117,7 +132,9 @@ def _defined_here(module: types.ModuleType, name: str) -> bool:
     return False
   value = getattr(module, name)
   if isinstance(value, types.ModuleType):
-    return value.__name__.startswith("posconstr.")
+    folder = value.__name__.split(".")[1:] == [name] and name in (
+        _IMPLEMENTATION_FOLDERS)
+    return value.__name__.startswith("posconstr.") and not folder
   return getattr(value, "__module__", "").startswith("posconstr")
 
 

@@ -16,7 +16,7 @@ import scipy.optimize
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import posconstr
-from posconstr import _qp_active_set
+from posconstr.solvers import _qp_active_set
 from posconstr import box_qp, nnls
 
 M, N = 20, 6  # The nnls shape used throughout.

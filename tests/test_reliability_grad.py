@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import posconstr as pc
-from posconstr import _landing
+from posconstr.sets import _landing
 
 P = jnp.array([0.5, 2.0, -0.3, 0.8])
 G = jnp.array([1.0, 3.0, -2.0, 0.5])

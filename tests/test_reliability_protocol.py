@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import posconstr as pc
-from posconstr._simplex import project_last_axis
+from posconstr.sets._simplex import project_last_axis
 
 
 @dataclasses.dataclass(frozen=True)

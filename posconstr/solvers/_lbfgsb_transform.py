@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from posconstr import _constraint
-from posconstr import _dtype_groups as groups
-from posconstr import _landing
-from posconstr import _lbfgsb
-from posconstr import _lbfgsb_core as core
-from posconstr import _lbfgsb_step as step_lib
+from posconstr.sets import _constraint
+from posconstr.solvers import _dtype_groups as groups
+from posconstr.sets import _landing
+from posconstr.solvers import _lbfgsb
+from posconstr.solvers import _lbfgsb_core as core
+from posconstr.solvers import _lbfgsb_step as step_lib
 
 
 class LbfgsbInfo(NamedTuple):

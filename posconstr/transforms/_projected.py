@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from posconstr import _projection
-from posconstr import _selection
+from posconstr.transforms import _projection
+from posconstr.tree import _selection
 
 
 class ProjectedState(NamedTuple):

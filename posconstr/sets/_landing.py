@@ -19,7 +19,7 @@ The result is bit-for-bit the same as projecting after the step by hand,
 except when no float ``d`` makes ``p + d`` equal ``t`` (then the landing point
 is the nearest representable one that is still feasible). Norm sets, whose
 landing grid can be much coarser than their tolerance, are in
-``posconstr._norm_landing``. Each set's ``landing_update`` method decides;
+``posconstr.sets._norm_landing``. Each set's ``landing_update`` method decides;
 the default is :func:`default_landing_update`."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from posconstr import _constraint as base
+from posconstr.sets import _constraint as base
 
 
 def _statically_zero(bound) -> bool:

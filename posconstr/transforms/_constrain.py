@@ -6,8 +6,8 @@ from typing import Mapping, Optional
 
 import optax
 
-from posconstr import _constraint
-from posconstr import _projection
+from posconstr.sets import _constraint
+from posconstr.transforms import _projection
 
 
 def constrain(

@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from posconstr import _paths
+from posconstr.tree import _paths
 
 Plan = List[Optional[Any]]
 

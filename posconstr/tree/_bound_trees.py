@@ -7,8 +7,8 @@ from typing import List, Optional
 import jax
 import numpy as np
 
-from posconstr import _intervals
-from posconstr import _paths
+from posconstr.sets import _intervals
+from posconstr.tree import _paths
 
 
 def is_bound_tree(bound) -> bool:

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from posconstr import _constraint
-from posconstr import _paths
-from posconstr import _selection
+from posconstr.sets import _constraint
+from posconstr.tree import _paths
+from posconstr.tree import _selection
 
 
 def _unpartial(fn):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from posconstr import _constraint as base
+from posconstr.sets import _constraint as base
 
 
 def _landed(param, delta):

@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from posconstr import _lbfgsb_core as core
+from posconstr.solvers import _lbfgsb_core as core
 
 
 def free_mask(x, lower, upper, grad=None):

@@ -55,7 +55,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from posconstr import _qp_linalg as linalg
+from posconstr.solvers import _qp_linalg as linalg
 
 FREE, LOWER, UPPER = 0, 1, 2
 PBAR = 3  # Kim & Park's p-bar: non-improving exchanges before the safeguard.

@@ -8,10 +8,10 @@ from typing import Any, Dict, Mapping, Union
 import jax
 import jax.numpy as jnp
 
-from posconstr import _constraint
-from posconstr import _parameterizations
-from posconstr import _paths
-from posconstr import _selection
+from posconstr.sets import _constraint
+from posconstr.reparam import _parameterizations
+from posconstr.tree import _paths
+from posconstr.tree import _selection
 
 Rules = Union[_parameterizations.Parameterization,
               Mapping[str, Any]]

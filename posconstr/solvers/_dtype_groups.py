@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posconstr import _constraint
+from posconstr.sets import _constraint
 
 
 class Layout(NamedTuple):

@@ -7,7 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from posconstr import _constraint as base
+from posconstr.sets import _constraint as base
 
 
 def _to_last(x, axes):

@@ -28,8 +28,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from posconstr import _constraint as base
-from posconstr import _norm_landing
+from posconstr.sets import _constraint as base
+from posconstr.sets import _norm_landing
 
 
 class _RadialNorm(base.Constraint):

@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from posconstr import _lbfgsb_core as core
-from posconstr import _lbfgsb_search as search_lib
+from posconstr.solvers import _lbfgsb_core as core
+from posconstr.solvers import _lbfgsb_search as search_lib
 
 
 class Status(enum.IntEnum):

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from posconstr import _paths
-from posconstr import _projected
-from posconstr import _projection
-from posconstr import _selection
+from posconstr.tree import _paths
+from posconstr.transforms import _projected
+from posconstr.transforms import _projection
+from posconstr.tree import _selection
 
 
 def _contains_projection(state) -> bool:

@@ -7,12 +7,12 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import optax
 
-from posconstr import _bound_trees
-from posconstr import _constraint
-from posconstr import _intervals
-from posconstr import _landing
-from posconstr import _selection
-from posconstr import _tree_projection
+from posconstr.tree import _bound_trees
+from posconstr.sets import _constraint
+from posconstr.sets import _intervals
+from posconstr.sets import _landing
+from posconstr.tree import _selection
+from posconstr.transforms import _tree_projection
 
 Mask = Any  # None | str | list[str] | bool pytree | Callable[[params], bool pytree]
 
@@ -149,7 +149,7 @@ def project(constraint: _constraint.Constraint,
   Turns updates :math:`u` into :math:`P_C(p + u) - p`, so that
   ``optax.apply_updates(params, updates)`` lands exactly on
   :math:`P_C(p + u)`: bit for bit what projecting after the step by hand
-  gives (see ``posconstr._landing`` for how rounding is handled).
+  gives (see ``posconstr.sets._landing`` for how rounding is handled).
 
   .. warning::
     Use it as the **last** link of a chain. Any link after it moves the

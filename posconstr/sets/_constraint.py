@@ -92,7 +92,7 @@ class Constraint(ValueObject, abc.ABC):
     ``None`` means unknown, and the landing step then tests feasibility
     with ``project`` instead.
   * ``landing_update(param, update)``: the Optax update that lands
-    ``param + update`` on its projection (see ``posconstr._landing``).
+    ``param + update`` on its projection (see ``posconstr.sets._landing``).
   * ``check_leaf(shape, dtype, path)``: raises for leaves the set cannot
     apply to; the default accepts any floating-point leaf.
 
@@ -187,7 +187,7 @@ class Constraint(ValueObject, abc.ABC):
   def landing_update(self, param: jax.Array, update: jax.Array) -> jax.Array:
     """``d`` such that ``optax.apply_updates`` gives ``project(param +
     update)``, bit for bit where some float ``d`` does."""
-    from posconstr import _landing  # pylint: disable=g-import-not-at-top
+    from posconstr.sets import _landing  # pylint: disable=g-import-not-at-top
     return _landing.default_landing_update(param, update, self)
 
   def check_leaf(self, shape: Sequence[int], dtype: Any, path: str = "x"):

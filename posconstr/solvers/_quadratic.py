@@ -9,10 +9,10 @@ Both reduce to
 
 with ``G`` symmetric positive semidefinite, one column of ``q`` per
 right-hand side, solved by the active-set iteration of
-``posconstr._qp_active_set`` (block principal pivoting with exact solves on
+``posconstr.solvers._qp_active_set`` (block principal pivoting with exact solves on
 the free set, and a monotone projected-Newton safeguard). The solution is
 differentiable in ``G``, ``q`` and the bounds by the implicit function
-theorem on the free set (``posconstr._implicit``), with an exact dense solve
+theorem on the free set (``posconstr.solvers._implicit``), with an exact dense solve
 for the reduced system; ``nnls`` forms ``G = A^T A`` and ``q = -A^T b``
 outside that rule, so derivatives in ``A`` and ``b`` follow by the chain
 rule.
@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posconstr import _constraint
-from posconstr import _implicit
-from posconstr import _qp_active_set as active_set
-from posconstr import _qp_linalg as linalg
+from posconstr.sets import _constraint
+from posconstr.solvers import _implicit
+from posconstr.solvers import _qp_active_set as active_set
+from posconstr.solvers import _qp_linalg as linalg
 
 
 class QPResult(NamedTuple):
@@ -231,7 +231,7 @@ def box_qp(Q, c, lower=None, upper=None, *, x0=None,
   principal pivoting (Kim & Park 2011; the primal-dual active set method of
   Bergounioux, Ito & Kunisch 1999) with a monotone projected-Newton
   safeguard, so that it ends in a few iterations on well-conditioned
-  problems and cannot cycle on hard ones (see ``posconstr._qp_active_set``).
+  problems and cannot cycle on hard ones (see ``posconstr.solvers._qp_active_set``).
   Jittable and vmappable; the whole solve is one ``lax.while_loop``.
   Several problems sharing ``Q`` are solved together when ``c`` is a matrix
   (one problem per column), which is much faster than a loop.

@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posconstr import _bound_trees
-from posconstr import _constraint
-from posconstr import _dtype_groups as groups
-from posconstr import _implicit as implicit
-from posconstr import _lbfgsb_core as core
-from posconstr import _lbfgsb_step as step_lib
-from posconstr import _paths
+from posconstr.tree import _bound_trees
+from posconstr.sets import _constraint
+from posconstr.solvers import _dtype_groups as groups
+from posconstr.solvers import _implicit as implicit
+from posconstr.solvers import _lbfgsb_core as core
+from posconstr.solvers import _lbfgsb_step as step_lib
+from posconstr.tree import _paths
 
 
 def check_options(owner: str, *, ints=(), reals=(), nonnegative=True) -> None:
@@ -257,7 +257,7 @@ def minimize(fun: Callable[..., jax.Array], x0, lower=None, upper=None, *,
   ``vmap``) by the implicit function theorem on its fixed point: active
   coordinates follow their bound, free ones solve :math:`H_{FF}\, dx_F =
   -(\partial_\theta \nabla_F f\, d\theta + H_{FA}\, dx_A)` by conjugate
-  gradients on Hessian-vector products (``posconstr._implicit``). ``value``
+  gradients on Hessian-vector products (``posconstr.solvers._implicit``). ``value``
   and ``grad`` get the matching tangents; ``x0`` has none. At a degenerate
   point (a coordinate on its bound with zero gradient) the derivative is
   the one-sided one that keeps it on the bound. Data must come in through

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from posconstr import _lbfgsb_core as core
+from posconstr.solvers import _lbfgsb_core as core
 
 
 class SearchResult(NamedTuple):

@@ -8,8 +8,8 @@ from typing import Dict, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from posconstr import _paths
-from posconstr import _projection
+from posconstr.tree import _paths
+from posconstr.transforms import _projection
 
 
 class LeafReport(NamedTuple):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posconstr import _constraint as base
+from posconstr.sets import _constraint as base
 
 
 def _as_bound(name: str, value, owner: str):

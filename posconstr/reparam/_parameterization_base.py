@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posconstr import _constraint as base
-from posconstr import _intervals
+from posconstr.sets import _constraint as base
+from posconstr.sets import _intervals
 
 
 def tiny(dtype):
