@@ -1,7 +1,7 @@
-"""The solvers compared by ``benchmarks/lbfgsb.py``, on one NNLS problem.
+"""The solvers compared by ``lbfgsb`` and ``nnls_batch`` on NNLS problems.
 
 Each JAX solver returns ``(x, iterations, evaluations, converged, stop)``;
-the SciPy ones return SciPy's result objects.
+the SciPy ones return SciPy's results.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import scipy.optimize
 
 import posconstr
 from benchmarks import _timing
+from benchmarks._nnls_problems import pg0_of
 
 
 def least_squares(A, b):
@@ -23,8 +24,8 @@ def least_squares(A, b):
   5000x2000 float64, 12x at 2000x500; with ``A`` a compile-time constant the
   transpose is folded away and it looks fastest, a trap). Written out,
   ``r @ A`` is also faster than what autodiff emits for the same
-  expression. SciPy's L-BFGS-B gets the written-out ``A.T @ r`` (numpy's
-  BLAS reads the transpose in place).
+  expression. SciPy's L-BFGS-B gets ``A.T @ r`` (numpy's BLAS reads the
+  transpose in place).
   """
   @jax.custom_jvp
   def fun(x):
@@ -42,8 +43,8 @@ def least_squares(A, b):
 
 def posconstr_solve(tol: float, maxiter: int, memory_size: int):
   def solve(A, b):
-    fun = least_squares(A, b)
-    res = posconstr.minimize(fun, jnp.zeros(A.shape[1], A.dtype), lower=0.0,
+    res = posconstr.minimize(least_squares(A, b),
+                             jnp.zeros(A.shape[1], A.dtype), lower=0.0,
                              tol=tol, maxiter=maxiter,
                              memory_size=memory_size)
     return (res.params, res.num_iter, res.num_fun_evals, res.converged,
@@ -59,6 +60,8 @@ def posconstr_status(converged, stop) -> str:
 
 
 def jaxopt_solve(tol: float, maxiter: int, memory_size: int):
+  """jaxopt.LBFGSB, its absolute tolerance ``tol * pg0`` (same stopping
+  point as the relative ``tol`` of the others)."""
   import jaxopt  # pylint: disable=g-import-not-at-top
 
   def fun(x, A, b):
@@ -84,19 +87,19 @@ def jaxopt_status(converged, failed) -> str:
 
 
 def scipy_lbfgsb(A, b, tol: float, maxiter: int, memory_size: int):
+  """``gtol = tol * pg0`` (scipy's gtol is the same absolute ``||x - P(x -
+  g)||_inf``); ``ftol = 0``: stop only on gtol or when no progress is left."""
   n = A.shape[1]
-  gtol = tol * max(float(np.max(A.T @ b)), 0.0)
 
   def fun_and_grad(x):
     r = A @ x - b
     return 0.5 * float(r @ r), A.T @ r
 
-  res = scipy.optimize.minimize(
+  return scipy.optimize.minimize(
       fun_and_grad, np.zeros(n), jac=True, method="L-BFGS-B",
       bounds=scipy.optimize.Bounds(np.zeros(n), np.full(n, np.inf)),
-      options=dict(maxcor=memory_size, ftol=0.0, gtol=gtol, maxiter=maxiter,
-                   maxfun=20 * maxiter))
-  return res
+      options=dict(maxcor=memory_size, ftol=0.0, gtol=tol * pg0_of(A, b),
+                   maxiter=maxiter, maxfun=20 * maxiter))
 
 
 def scipy_status(res) -> str:
@@ -125,12 +128,8 @@ def eval_callables(A, b):
   Aj, bj = jnp.asarray(A), jnp.asarray(b)
   x = np.full(A.shape[:-2] + A.shape[-1:], 0.1)
   xj = jnp.asarray(x)
-
-  def fun(x, A, b):
-    return least_squares(A, b)(x)
-  vg = jax.value_and_grad(fun)
-  if batched:
-    vg = jax.vmap(vg)
+  vg = jax.value_and_grad(lambda x, A, b: least_squares(A, b)(x))
+  vg = jax.vmap(vg) if batched else vg
   k = int(np.clip(20e-3 / (2 * A.nbytes / 1e10), 3, 1000))  # ~20 ms a call
 
   def chained(x, A, b):

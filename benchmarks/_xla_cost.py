@@ -1,62 +1,29 @@
-"""XLA's own account of a compiled benchmark step (``jax.stages.Compiled``).
-
-* :func:`cost_summary`: flops, bytes accessed, ... from ``cost_analysis()``,
-  whatever shape it returns on this jax version and backend.
-* :func:`temp_bytes`: the scratch buffer from ``memory_analysis()``.
-* :func:`hlo_stats`: fusion and instruction counts of the optimized HLO.
-* :func:`minor_faults_per_call`: page faults per call (what a fresh temp
-  buffer per run costs on XLA:CPU).
-
-Every function returns ``None`` (or ``{}``) where the backend does not
-report the quantity, so that the benchmarks run unchanged on CPU, GPU, TPU.
-"""
+"""XLA's own account of a compiled step (``jax.stages.Compiled``): bytes
+accessed, flops, transcendentals, the temp buffer, fusions, page faults per
+call. Each is ``None`` where a backend does not report it (CPU, GPU, TPU)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import jax
 
-
-def _first_cost_dict(cost) -> Optional[Mapping[str, Any]]:
-  if cost is None:
-    return None
-  if isinstance(cost, Mapping):
-    return cost
-  if isinstance(cost, (list, tuple)):
-    dicts = [c for c in cost if isinstance(c, Mapping)]
-    if not dicts:
-      return None
-    if len(dicts) == 1:
-      return dicts[0]
-    merged: Dict[str, float] = {}
-    for d in dicts:  # One per partition/program: add them up.
-      for k, v in d.items():
-        if isinstance(v, (int, float)):
-          merged[k] = merged.get(k, 0.0) + float(v)
-    return merged
-  return None
+COST_KEYS = ("bytes accessed", "flops", "transcendentals")
 
 
 def cost_summary(compiled) -> Dict[str, Optional[float]]:
-  """``flops``, ``bytes accessed`` etc. of a ``jax.stages.Compiled``.
-
-  ``cost_analysis()`` has returned a dict, a list of dicts (one per
-  program), or ``None`` across jax versions and backends; missing keys give
-  ``None``.
-  """
+  """:data:`COST_KEYS` of ``cost_analysis()``, which has returned a dict, a
+  list of dicts (one per program: added up) or ``None`` across versions."""
   try:
-    cost = _first_cost_dict(compiled.cost_analysis())
+    cost = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except
     cost = None
-  keys = ("bytes accessed", "flops", "transcendentals",
-          "bytes accessedout{}", "optimal_seconds")
-  if cost is None:
-    return {k: None for k in keys}
+  dicts = [c for c in ([cost] if isinstance(cost, Mapping) else cost or ())
+           if isinstance(c, Mapping)]
   out = {}
-  for k in keys:
-    v = cost.get(k)
-    out[k] = float(v) if isinstance(v, (int, float)) else None
+  for key in COST_KEYS:
+    values = [d[key] for d in dicts if isinstance(d.get(key), (int, float))]
+    out[key] = float(sum(values)) if values else None
   return out
 
 
@@ -66,6 +33,24 @@ def temp_bytes(compiled) -> Optional[float]:
     return float(compiled.memory_analysis().temp_size_in_bytes)
   except Exception:  # pylint: disable=broad-except
     return None
+
+
+def fusion_counts(compiled) -> Dict[str, Optional[int]]:
+  """``entry_fusions`` and ``fusions_total`` in the optimized HLO text."""
+  try:
+    lines = compiled.as_text().splitlines()
+  except Exception:  # pylint: disable=broad-except
+    return {"entry_fusions": None, "fusions_total": None}
+  entry, inside = [], False
+  for line in lines:
+    if line.startswith("ENTRY"):
+      inside = True
+    elif inside and line.startswith("}"):
+      break
+    elif inside:
+      entry.append(line)
+  return {"entry_fusions": sum("fusion(" in line for line in entry),
+          "fusions_total": sum(" fusion(" in line for line in lines)}
 
 
 def minor_faults_per_call(fn: Callable[[], Any], calls: int = 3
@@ -78,7 +63,7 @@ def minor_faults_per_call(fn: Callable[[], Any], calls: int = 3
   """
   try:
     import resource  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover
+  except ImportError:  # Not Unix.
     return None
   jax.block_until_ready(fn())
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -86,33 +71,3 @@ def minor_faults_per_call(fn: Callable[[], Any], calls: int = 3
     jax.block_until_ready(fn())
   after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   return (after - before) / calls
-
-
-def hlo_stats(compiled) -> Dict[str, int]:
-  """Rough counts from the optimized HLO text of a compiled computation."""
-  try:
-    text = compiled.as_text()
-  except Exception:  # pylint: disable=broad-except
-    return {}
-  lines = text.splitlines()
-  entry = _entry_lines(lines)
-  return {
-      "fusions_total": sum(1 for l in lines if " fusion(" in l
-                           or "= fusion(" in l),
-      "entry_fusions": sum(1 for l in entry if "fusion(" in l),
-      "entry_instructions": sum(1 for l in entry if " = " in l),
-      "hlo_lines": len(lines),
-  }
-
-
-def _entry_lines(lines: Sequence[str]) -> List[str]:
-  out, inside = [], False
-  for l in lines:
-    if l.startswith("ENTRY"):
-      inside = True
-      continue
-    if inside:
-      if l.startswith("}"):
-        break
-      out.append(l)
-  return out

@@ -1,291 +1,323 @@
 """Non-negative least squares: posconstr.minimize vs scipy and jaxopt.
 
-Solves ``min_x 0.5 ||A x - b||^2  s.t.  x >= 0`` in float64 with
+Solves ``min_x 0.5 ||A x - b||^2  s.t.  x >= 0`` in float64 (problems:
+``_nnls_problems.make_problem``; solvers: ``_nnls_solvers``) with
 
-* ``posconstr``: ``posconstr.minimize`` (jitted; ``x0 = 0``, relative
-  projected-gradient tolerance ``--tol``, default 1e-10), with the gradient
-  written out as ``r @ A`` (``least_squares``), as scipy gets ``A.T @ r``;
-* ``jaxopt LBFGSB``: ``jaxopt.LBFGSB`` (the unmaintained peer; jitted, its
-  absolute tolerance set to ``tol * pg0`` so that it stops at the same
-  projected gradient); skipped, with the reason recorded, if jaxopt cannot
-  be imported or fails;
-* ``scipy L-BFGS-B``: ``scipy.optimize.minimize(method="L-BFGS-B",
-  jac=True)`` with ``gtol = tol * pg0`` (scipy's gtol is the same absolute
-  ``||x - P(x - g)||_inf``), ``ftol = 0`` (stop only on gtol or when no
-  progress is possible) and ``maxcor`` = the posconstr memory;
-* ``scipy nnls``: ``scipy.optimize.nnls`` (active set; the reference
-  objective). At 5000x2000 it takes ~10 s, so it is run once, untimed in the
-  rounds (``--skip-large-nnls`` skips it).
+* ``posconstr``: ``posconstr.minimize`` (jitted, ``x0 = 0``, relative
+  projected-gradient tolerance ``--tol``), the gradient written ``r @ A``;
+* ``jaxopt LBFGSB``, the unmaintained peer (jitted; absolute tolerance ``tol *
+  pg0``, the same stopping point); left out, and said so, if it fails;
+* ``scipy L-BFGS-B`` (``gtol = tol * pg0``, ``ftol = 0``, ``maxcor`` = the
+  posconstr memory) and ``scipy nnls`` (active set, the reference objective;
+  at 5000x2000, ~10 s, it runs once, outside the rounds).
 
-``pg0 = ||x0 - P(x0 - grad f(x0))||_inf = max(A^T b, 0)`` is computed inside
-every timed call.
+``pg0 = max(A^T b, 0)``, the projected gradient at 0, is computed inside every
+timed call. Problems: Gaussian 200x50, 2000x500 and 5000x2000 with a planted
+sparse solution; "digits as columns" (64x1000, ill-conditioned and
+underdetermined); a batch of 64 200x50 problems (``jax.vmap`` against loops).
 
-Problems: Gaussian ``A`` of 200x50, 2000x500 and 5000x2000 with a planted
-sparse non-negative solution (``b = A x* + 0.01 noise``, seeded); "digits as
-columns" (``A = load_digits().data[:1000].T / 16``, 64x1000, ``b`` a
-held-out digit: ill-conditioned and underdetermined); and a batch of 64
-problems of 200x50, solved by ``jax.vmap`` of the jitted solvers against
-Python loops of the scipy solvers.
-
-Per method: iterations, function(+gradient) evaluations and their ratio,
-time after compilation (median of interleaved rounds, quartiles, and the
-median of the per-round ratios to scipy L-BFGS-B), compile time for the JAX
-methods, the objective gap relative to the reference (scipy nnls where
-available, else the best objective found), the KKT residual
-``||x - max(x - grad, 0)||_inf`` (recomputed in numpy for every method) and
-``min(x)``. Then the memory-bandwidth floor of posconstr: ``fev * 2 * size(A)
-bytes / bandwidth`` (two passes over ``A`` per evaluation: ``A x`` and
-``A^T r``), with the bandwidth measured on this machine (the best of a large
-numpy copy and jitted / numpy ``A^T (A x)`` passes over a matrix larger than
-the last-level cache), next to the floor ``fev * t(one value_and_grad)`` with
-the evaluation timed inside a jitted loop at each size.
-
-numpy's BLAS threads: on a loaded 2-core machine a 2-thread OpenBLAS can be
-~30x slower on scipy's L-BFGS-B than one thread. ``--blas-threads best``
-(default) times scipy L-BFGS-B with 1 thread and with the library default
-per problem and uses the faster for both scipy methods; an integer fixes it
-(0: library default). XLA's threads are left alone.
+Per method: iterations, evaluations, time after compilation (median of
+interleaved rounds, quartiles, paired ratio to scipy L-BFGS-B), compile time,
+the objective gap to the reference, the KKT residual ``||x - max(x - grad,
+0)||_inf`` (numpy, for every method) and ``min(x)``. Then posconstr against
+its floors (``_floors``): ``fev x 2 size(A) / bandwidth`` measured here, ``fev
+x`` one evaluation timed in a jitted loop, and the evaluations of CG handed
+the solution's free set. ``--blas-threads best`` (default) gives the scipy
+methods the faster of 1 thread and the library default, per problem.
 
 Usage::
 
   python -m benchmarks.lbfgsb                # full (several minutes)
   python -m benchmarks.lbfgsb --quick        # 200x50 and the batch, no jaxopt
   python -m benchmarks.lbfgsb --problems 5000x2000 --repeats 5
-  python -m benchmarks.lbfgsb --tol 1e-8   # away from float64's noise floor
+  python -m benchmarks.lbfgsb --tol 1e-8     # away from float64's noise floor
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import traceback
 from typing import Any, Callable, Dict, List
 
-if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # pylint: disable=g-import-not-at-top
-
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import jax
+import jax.numpy as jnp
 import numpy as np
-import scipy
-import scipy.optimize
 
-from benchmarks import _krylov_floor
+from benchmarks import _floors
+from benchmarks import _nnls_problems
+from benchmarks import _nnls_solvers
 from benchmarks import _timing
-from benchmarks._blas_threads import BlasThreads
-from benchmarks._blas_threads import choose_blas_threads
-from benchmarks._blas_threads import measure_bandwidth
-from benchmarks._nnls_problems import kkt_residual
-from benchmarks._nnls_problems import make_problem
-from benchmarks._nnls_problems import objective
-from benchmarks._nnls_problems import pg0_of
-from benchmarks._nnls_problems import Problem
-from benchmarks._nnls_report import BASELINE
-from benchmarks._nnls_report import floor_rows
-from benchmarks._nnls_report import floor_table
-from benchmarks._nnls_report import summary_table
-from benchmarks._nnls_report import JAXOPT
-from benchmarks._nnls_report import method_table
-from benchmarks._nnls_report import PC
-from benchmarks._nnls_report import SCIPY_LB
-from benchmarks._nnls_report import SCIPY_NNLS
-from benchmarks._nnls_report import status_summary
-from benchmarks._nnls_report import targets
-from benchmarks._nnls_solvers import eval_callables
-from benchmarks._nnls_solvers import jaxopt_solve
-from benchmarks._nnls_solvers import jaxopt_status
-from benchmarks._nnls_solvers import posconstr_solve
-from benchmarks._nnls_solvers import posconstr_status
-from benchmarks._nnls_solvers import scipy_lbfgsb
-from benchmarks._nnls_solvers import scipy_nnls
-from benchmarks._nnls_solvers import scipy_status
 
-DEFAULT_OUT = os.path.join("benchmarks", "results", "lbfgsb.json")
-ALL_PROBLEMS = "200x50,2000x500,5000x2000,digits,batch"
-QUICK_PROBLEMS = "200x50,batch"
+PC = "posconstr"
+JAXOPT = "jaxopt LBFGSB"
+SCIPY_LB = "scipy L-BFGS-B"  # The baseline of the ratios.
+SCIPY_NNLS = "scipy nnls"
 LARGE_NNLS = 5000 * 2000  # Size of A from which scipy nnls is run only once.
-
 EVAL_PREFIX = "eval:"
+SUMMARY_KEYS = ("bandwidth", "problem", "note", "shape", "reference",
+                "blas_threads", "median_s", "vs_baseline", "compile_s",
+                "gap_rel", "kkt", "min_x", "status", "iters_mean", "iters_max",
+                "fev_mean", "fev_per_iter", "cg_evals", "floor_bw_s",
+                "ratio_bw", "eval_jax_s")
 
 
-# ----------------------------------------------------------------------------
-# One problem.
+JAX_SOLVERS = {PC: (_nnls_solvers.posconstr_solve,
+                     _nnls_solvers.posconstr_status),
+               JAXOPT: (_nnls_solvers.jaxopt_solve,
+                        _nnls_solvers.jaxopt_status)}
 
 
-def run_problem(prob: Problem, args, blas: BlasThreads,
-                have_jaxopt: bool) -> Dict[str, Any]:
-  tol, maxiter, mem = args.tol, args.maxiter, args.memory
+def _jax_method(prob, make, status_of, args, Aj, bj):
+  """Compiles a JAX solver, runs it once for the metrics; (record, call)."""
+  solve = make(args.tol, args.maxiter, args.memory)
+  solve = jax.vmap(solve) if prob.batched else solve
+  compiled, t_compile = _timing.compile_timed(jax.jit(solve), Aj, bj)
+  x, it, fev, conv, stop = (np.asarray(v) for v in
+                            jax.block_until_ready(compiled(Aj, bj)))
+  status = ([status_of(c, s) for c, s in zip(conv, stop)] if prob.batched
+            else status_of(conv, stop))
+  return ({"compile_s": t_compile, "x": x, "iters": it, "fev": fev,
+           "status": status}, lambda: compiled(Aj, bj))
+
+
+def run_problem(prob: _nnls_problems.Problem, args, have_jaxopt: bool):
   A, b = prob.A, prob.b
   Aj, bj = jnp.asarray(A), jnp.asarray(b)
-  size = A.shape[-2] * A.shape[-1]
   methods: Dict[str, Dict[str, Any]] = {}
   fns: Dict[str, Callable[[], Any]] = {}
   notes: List[str] = []
-
-  # --- JAX solvers: compile, then one run for the metrics.
-  jax_solvers = [(PC, posconstr_solve, posconstr_status)]
-  if have_jaxopt:
-    jax_solvers.append((JAXOPT, jaxopt_solve, jaxopt_status))
-  for name, make, status_of in jax_solvers:
+  for name in [PC, JAXOPT] if have_jaxopt else [PC]:
+    make, status_of = JAX_SOLVERS[name]
     try:
-      solve = make(tol, maxiter, mem)
-      if prob.batched:
-        solve = jax.vmap(solve)
-      compiled, t_compile = _timing.compile_timed(jax.jit(solve), Aj, bj)
-      out = jax.block_until_ready(compiled(Aj, bj))
-      x, it, fev, conv, failed = (np.asarray(v) for v in out)
-      methods[name] = {"compile_s": t_compile, "x": x, "iters": it,
-                       "fev": fev,
-                       "status": ([status_of(c, f) for c, f in zip(conv, failed)]
-                                  if prob.batched else status_of(conv, failed))}
-      fns[name] = (lambda c=compiled: c(Aj, bj))
+      methods[name], fns[name] = _jax_method(prob, make, status_of, args,
+                                             Aj, bj)
     except Exception as e:  # pylint: disable=broad-except
-      msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-      _timing.eprint(f"  [{name}] FAILED: {msg}")
+      methods[name] = {"failed": f"{type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]}"}
+      _timing.eprint(f"  [{name}] FAILED: {methods[name]['failed']}")
       traceback.print_exc(file=sys.stderr)
-      methods[name] = {"failed": msg}
 
-  # --- scipy.
-  if prob.batched:
-    def run_lb():
-      return [scipy_lbfgsb(A[i], b[i], tol, maxiter, mem) for i in range(len(A))]
+  pairs = list(zip(A, b)) if prob.batched else [(A, b)]
 
-    def run_nnls():
-      return [scipy_nnls(A[i], b[i]) for i in range(len(A))]
-  else:
-    def run_lb():
-      return scipy_lbfgsb(A, b, tol, maxiter, mem)
+  def run_lb():
+    return [_nnls_solvers.scipy_lbfgsb(a, bb, args.tol, args.maxiter,
+                                       args.memory) for a, bb in pairs]
 
-    def run_nnls():
-      return scipy_nnls(A, b)
-  threads, calib = choose_blas_threads(args.blas_threads, blas, run_lb)
+  def run_nnls():
+    return [_nnls_solvers.scipy_nnls(a, bb) for a, bb in pairs]
+
+  threads, calib = _floors.choose_blas_threads(args.blas_threads, run_lb)
   if calib:
-    notes.append("scipy L-BFGS-B with numpy BLAS threads "
-                 + ", ".join(f"{k}: {_timing.fmt_time(v)}"
-                             for k, v in calib.items())
+    notes.append("scipy L-BFGS-B with numpy BLAS threads " + ", ".join(
+        f"{k}: {_timing.fmt_time(v)}" for k, v in calib.items())
                  + f" -> using {threads}")
-  with blas.limit(threads):
-    lb = run_lb()
-    lbs = lb if prob.batched else [lb]
+  with _floors.blas_limit(threads):
+    lbs = run_lb()
     methods[SCIPY_LB] = {
-        "x": np.stack([r.x for r in lbs]), "iters": np.array([r.nit for r in lbs]),
-        "fev": np.array([r.nfev for r in lbs]),
-        "status": [scipy_status(r) for r in lbs]}
-    fns[SCIPY_LB] = _discard(run_lb)
-
-    nnls_once = (not prob.batched) and size >= LARGE_NNLS
-    if nnls_once and args.skip_large_nnls:
-      notes.append("scipy nnls skipped (--skip-large-nnls)")
+        "x": np.stack([r.x for r in lbs]), "iters": [r.nit for r in lbs],
+        "fev": [r.nfev for r in lbs],
+        "status": [_nnls_solvers.scipy_status(r) for r in lbs]}
+    t0 = time.perf_counter()
+    nns = run_nnls()
+    single_s = time.perf_counter() - t0
+    methods[SCIPY_NNLS] = {"x": np.stack([r[0] for r in nns]),
+                           "status": ["done"] * len(nns)}
+    fns[SCIPY_LB] = run_lb
+    if prob.batched or A.size < LARGE_NNLS:
+      fns[SCIPY_NNLS] = run_nnls
     else:
-      t0 = time.perf_counter()
-      nn = run_nnls()
-      t_nnls = time.perf_counter() - t0
-      nns = nn if prob.batched else [nn]
-      methods[SCIPY_NNLS] = {"x": np.stack([r[0] for r in nns]),
-                             "status": ["done"] * len(nns)}
-      if nnls_once:
-        methods[SCIPY_NNLS]["single_run_s"] = t_nnls
-        notes.append(f"scipy nnls run once ({_timing.fmt_time(t_nnls)}), "
-                     "not in the rounds")
-      else:
-        fns[SCIPY_NNLS] = _discard(run_nnls)
-
-    # --- Timing: interleaved rounds (with k-evaluation probes for the floor).
-    evals, k_evals = eval_callables(A, b)
-    for key, fn in evals.items():
-      fns[EVAL_PREFIX + key] = fn
+      notes.append(f"scipy nnls run once ({_timing.fmt_time(single_s)}), "
+                   "not in the rounds")
+    # Interleaved rounds, with k-evaluation probes for the floor.
+    evals, k_evals = _nnls_solvers.eval_callables(A, b)
+    fns.update({EVAL_PREFIX + key: fn for key, fn in evals.items()})
     _timing.eprint(f"  timing {list(fns)} ...")
     times = _timing.interleaved_times(
         fns, repeats=args.repeats, warmup=args.warmup,
-        time_budget_s=args.budget_s, min_repeats=args.min_repeats)
-    eval_s = {key[len(EVAL_PREFIX):]: float(np.median(times.pop(key))) / k_evals
-              for key in list(times) if key.startswith(EVAL_PREFIX)}
-  if SCIPY_NNLS in methods and "single_run_s" in methods[SCIPY_NNLS]:
-    times[SCIPY_NNLS] = [methods[SCIPY_NNLS]["single_run_s"]]
+        budget_s=args.budget_s, min_repeats=args.min_repeats)
+  eval_s = {key[len(EVAL_PREFIX):]: float(np.median(times.pop(key))) / k_evals
+            for key in list(times) if key.startswith(EVAL_PREFIX)}
+  times.setdefault(SCIPY_NNLS, [single_s])
 
-  # --- Metrics (numpy, float64, the same for every method).
-  As = A if prob.batched else A[None]
-  bs = b if prob.batched else b[None]
-  for name, m in methods.items():
-    if "failed" in m:
-      continue
-    xs = m["x"] if prob.batched or m["x"].ndim == 2 else m["x"][None]
-    m["objective"] = [objective(a, bb, x) for a, bb, x in zip(As, bs, xs)]
-    m["kkt"] = [kkt_residual(a, bb, x) for a, bb, x in zip(As, bs, xs)]
-    m["min_x"] = float(np.min(xs))
-    m["pg0"] = [pg0_of(a, bb) for a, bb in zip(As, bs)]
-  if SCIPY_NNLS in methods:
-    ref = np.asarray(methods[SCIPY_NNLS]["objective"])
-    ref_name = SCIPY_NNLS
-  else:
-    ref = np.min([methods[k]["objective"] for k in methods
-                  if "objective" in methods[k]], axis=0)
-    ref_name = "best found"
-  base = times.get(BASELINE)
+  # Metrics (numpy, float64, the same for every method).
+  for m in methods.values():
+    if "failed" not in m:
+      xs = m["x"].reshape(len(pairs), -1)
+      m["objective"] = np.array([_nnls_problems.objective(a, bb, x)
+                                 for (a, bb), x in zip(pairs, xs)])
+      m["kkt"] = np.array([_nnls_problems.kkt_residual(a, bb, x)
+                           for (a, bb), x in zip(pairs, xs)])
+  pg0 = np.array([_nnls_problems.pg0_of(a, bb) for a, bb in pairs])
+  ref = methods[SCIPY_NNLS]["objective"]
+  base = times[SCIPY_LB]
   rows = {}
   for name, m in methods.items():
     if "failed" in m:
       rows[name] = {"failed": m["failed"]}
       continue
-    obj = np.asarray(m["objective"])
-    gap = (obj - ref) / np.maximum(np.abs(ref), 1e-300)
-    row = {
-        "time": _timing.summarize(times[name]) if name in times else None,
-        "times_s": times.get(name),
-        "compile_s": m.get("compile_s"),
-        "objective": float(obj.sum()) if prob.batched else float(obj[0]),
-        "gap_rel": float(gap[np.argmax(np.abs(gap))]),
-        "kkt": float(np.max(m["kkt"])),
-        "kkt_rel": float(np.max(np.asarray(m["kkt"]) / np.asarray(m["pg0"]))),
-        "min_x": m["min_x"],
-        "status": status_summary(m["status"]),
-    }
+    gap = (m["objective"] - ref) / np.maximum(np.abs(ref), 1e-300)
+    row = {"time": _timing.summarize(times[name]), "times_s": times[name],
+           "compile_s": m.get("compile_s"),
+           "objective": float(m["objective"].sum()),
+           "gap_rel": float(gap[np.argmax(np.abs(gap))]),
+           "kkt": float(np.max(m["kkt"])),
+           "kkt_rel": float(np.max(m["kkt"] / pg0)),
+           "min_x": float(np.min(m["x"])),
+           "status": status_summary(m["status"])}
     if "iters" in m:
       it = np.atleast_1d(m["iters"]).astype(float)
       fev = np.atleast_1d(m["fev"]).astype(float)
-      row.update({"iters_mean": float(it.mean()), "iters_max": float(it.max()),
-                  "fev_mean": float(fev.mean()), "fev_max": float(fev.max()),
-                  "fev_total": float(fev.sum()),
-                  "fev_per_iter": float(fev.sum() / max(it.sum(), 1))})
-    if base is not None and name in times and len(times[name]) > 1:
+      row.update({"iters_mean": it.mean(), "iters_max": it.max(),
+                  "fev_mean": fev.mean(), "fev_max": fev.max(),
+                  "fev_total": fev.sum(),
+                  "fev_per_iter": fev.sum() / max(it.sum(), 1)})
+    if len(times[name]) > 1:
       row["vs_baseline"] = _timing.paired_ratio(times[name], base)
     rows[name] = row
-
   result = {"problem": prob.name, "note": prob.note, "shape": list(A.shape),
-            "A_bytes": int(A.nbytes), "reference": ref_name,
+            "A_bytes": int(A.nbytes), "reference": SCIPY_NNLS,
             "blas_threads": threads, "blas_calibration_s": calib,
-            "methods": rows, "notes": notes}
-  result["eval_s"] = eval_s
+            "methods": rows, "notes": notes, "eval_s": eval_s}
   if not prob.batched:
-    solution = methods.get(SCIPY_NNLS, methods.get(PC, {})).get("x")
-    if solution is not None:
-      result["krylov"] = _krylov_floor.cg_oracle_evaluations(
-          A, b, np.reshape(solution, -1), tol)
+    result["krylov"] = _floors.cg_oracle_evaluations(
+        A, b, methods[SCIPY_NNLS]["x"][0], args.tol)
   return result
 
 
-def _discard(fn):
-  """``fn`` returning None (scipy results are not jax pytrees to block on)."""
-  def call():
-    fn()
-  return call
+def status_summary(statuses) -> str:
+  if isinstance(statuses, str):
+    return statuses
+  vals, counts = np.unique(np.asarray(statuses), return_counts=True)
+  if len(vals) == 1:
+    return str(vals[0])
+  return ", ".join(f"{c}x {v}" for v, c in zip(vals, counts))
 
 
-# ----------------------------------------------------------------------------
+def method_table(res) -> str:
+  """Every method on one problem (batch: means, and worst cases)."""
+  batched = res["problem"] == "batch"
+  b = lambda text: text if batched else ""  # noqa: E731
+  headers = ["method", "iters" + b(" mean (max)"), "fev" + b(" mean"),
+             "fev/iter", "time" + b(" (batch)"), "[q1, q3]", f"vs {SCIPY_LB}",
+             "compile", "gap" + b(" (worst)"), "KKT" + b(" (worst)"), "min x",
+             "status"]
+  rows = []
+  for name, r in res["methods"].items():
+    if "failed" in r:
+      rows.append([name] + ["-"] * 10 + [f"FAILED: {r['failed'][:60]}"])
+      continue
+    t, vs, digits = r["time"], r.get("vs_baseline"), 1 if batched else 0
+    iters = fev = fpi = "-"
+    if "iters_mean" in r:
+      iters = f"{r['iters_mean']:.{digits}f}" + b(f" ({r['iters_max']:.0f})")
+      fev, fpi = f"{r['fev_mean']:.{digits}f}", f"{r['fev_per_iter']:.2f}"
+    rows.append([
+        name, iters, fev, fpi, _timing.fmt_time(t["median_s"]),
+        (f"[{_timing.fmt_time(t['q1_s'])}, {_timing.fmt_time(t['q3_s'])}]"
+         if t["n"] > 1 else "(1 run)"),
+        _timing.fmt_ratio(vs["median"], 2) if vs else "-",
+        _timing.fmt_time(r["compile_s"]) if r["compile_s"] else "-",
+        f"{r['gap_rel']:+.1e}", f"{r['kkt']:.1e}", f"{r['min_x']:.1e}",
+        r["status"]])
+  return _timing.markdown_table(headers, rows, align="l" + "r" * 10 + "l")
+
+
+def floor_rows(res, bandwidth: float):
+  """posconstr against its floors: DRAM bandwidth, the measured evaluation
+  time, and CG handed the solution's free set."""
+  r = res["methods"].get(PC)
+  if not r or "failed" in r:
+    return None
+  batched = res["problem"] == "batch"
+  per_a = res["A_bytes"] / (res["shape"][0] if batched else 1)
+  t, eval_jax = r["time"]["median_s"], res["eval_s"]["jax"]
+  floor_bw = r["fev_total"] * 2 * per_a / bandwidth
+  # Batched: one vmapped evaluation covers all lanes, max(fev) of them.
+  floor_eval = (r["fev_max"] if batched else r["fev_total"]) * eval_jax
+  out = {"fev": r["fev_total"], "bytes_per_fev": 2 * per_a,
+         "other_per_iter_s": (t - floor_eval) / max(
+             r["iters_max"] if batched else r["iters_mean"], 1),
+         "floor_bw_s": floor_bw, "ratio_bw": t / floor_bw,
+         "eval_jax_s": eval_jax, "eval_numpy_s": res["eval_s"]["numpy"],
+         "floor_eval_s": floor_eval, "ratio_eval": t / floor_eval,
+         "time_s": t}
+  if "krylov" in res and SCIPY_LB in res["methods"]:
+    cg = res["krylov"]["cg_evals"]
+    out.update(cg_evals=cg, cg_time_s=cg * eval_jax, cg_vs_scipy=cg * eval_jax
+               / res["methods"][SCIPY_LB]["time"]["median_s"])
+  return out
+
+
+def floor_table(results) -> str:
+  rows = []
+  for res in results:
+    f = res.get("floor")
+    if f:
+      rows.append([res["problem"], f"{f['fev']:.0f}",
+                   _timing.fmt_bytes(f["bytes_per_fev"]),
+                   *map(_timing.fmt_time, (f["floor_bw_s"], f["time_s"])),
+                   _timing.fmt_ratio(f["ratio_bw"], 1),
+                   *map(_timing.fmt_time, (f["eval_jax_s"], f["eval_numpy_s"],
+                                           f["floor_eval_s"])),
+                   _timing.fmt_ratio(f["ratio_eval"], 1),
+                   _timing.fmt_time(f["other_per_iter_s"]),
+                   f.get("cg_evals", "-"),
+                   _timing.fmt_ratio(f["cg_vs_scipy"], 2)
+                   if "cg_vs_scipy" in f else "-"])
+  return _timing.markdown_table(
+      ["problem", "fev", "bytes/fev", "BW floor", "time", "time/floor",
+       "1 eval jax", "1 eval numpy", "evals x eval", "time/(evals x eval)",
+       "rest/iter", "CG oracle fev", "CG oracle vs scipy L-BFGS-B"], rows)
+
+
+FLOOR_NOTE = (
+    "BW floor: fev x 2 size(A) / bandwidth (under 32 MB, A is read from "
+    "cache and it understates). evals x eval: fev (batch: the max over "
+    "lanes, one vmapped evaluation each) x one value_and_grad timed in a "
+    "jitted loop. rest/iter: the rest per iteration (direction, bookkeeping, "
+    "loop). CG oracle: the evaluations of conjugate gradients from 0 on the "
+    "solution's free columns to the same tolerance (about the fewest any "
+    "gradient method can use), and their time against scipy L-BFGS-B's.")
+
+
+def readme_table(payload) -> str:
+  """The README's table: one row per problem, ratios of medians."""
+  rows = []
+  for res in payload["results"]:
+    m = res["methods"]
+    pc, lb = m.get(PC, {}), m.get("scipy L-BFGS-B", {})
+    if "time" not in pc or "time" not in lb:
+      continue
+    base = lb["time"]["median_s"]
+    ratio = lambda name: (  # noqa: E731
+        _timing.fmt_ratio(m[name]["time"]["median_s"] / base, 2)
+        if "time" in m.get(name, {}) else "-")
+    nnls = (m.get("scipy nnls", {}).get("time", {}).get("median_s"))
+    jx = m.get("jaxopt LBFGSB", {})
+    iters = (f"{pc['iters_mean']:.1f} (max {pc['iters_max']:.0f})"
+             if pc["iters_mean"] != pc["iters_max"]
+             else f"{pc['iters_max']:.0f}")
+    rows.append([
+        res["problem"], iters, f"{pc['fev_mean']:.1f}".removesuffix(".0"),
+        f"{pc['fev_per_iter']:.2f}", ratio(PC),
+        _timing.fmt_ratio(pc["time"]["median_s"] / nnls, 2) if nnls else "-",
+        (f"{ratio('jaxopt LBFGSB')} ({jx['fev_per_iter']:.2f})"
+         if "fev_per_iter" in jx else "-"),
+        str(res.get("floor", {}).get("cg_evals", "-")),
+        f"{pc['compile_s']:.1f} s"])
+  return _timing.markdown_table(
+      ["problem", "iters", "fev", "fev/iter", "vs scipy L-BFGS-B",
+       "vs scipy nnls", "jaxopt vs scipy L-BFGS-B (fev/iter)",
+       "CG-oracle fev", "compile"], rows)
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--problems", default=None,
-                  help=f"comma-separated subset of {ALL_PROBLEMS} (--quick: "
-                       f"{QUICK_PROBLEMS}).")
-  ap.add_argument("--quick", action="store_true",
-                  help="small problems, few repeats, no jaxopt (~30 s idle).")
+                  help="comma-separated subset of 200x50,2000x500,5000x2000,"
+                       "digits,batch (all; --quick: 200x50,batch).")
   ap.add_argument("--jaxopt", choices=("auto", "on", "off"), default="auto",
                   help="include jaxopt.LBFGSB (auto: not with --quick).")
   ap.add_argument("--tol", type=float, default=1e-10,
@@ -295,112 +327,47 @@ def main(argv=None) -> int:
   ap.add_argument("--memory", type=int, default=10,
                   help="curvature pairs (maxcor / history_size).")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--repeats", type=int, default=None,
-                  help="interleaved rounds per problem (default 21; quick 5).")
-  ap.add_argument("--min-repeats", type=int, default=5)
-  ap.add_argument("--budget-s", type=float, default=None,
-                  help="per problem: stop adding rounds after this many "
-                       "seconds (at least --min-repeats; default 60, quick 8).")
-  ap.add_argument("--warmup", type=int, default=1,
-                  help="unrecorded rounds (after the compile and the run "
-                       "that gives the metrics).")
   ap.add_argument("--blas-threads", default="best",
                   help="numpy BLAS threads for scipy: 'best' (per problem, "
                        "the faster of 1 and the default), or N (0: default).")
-  ap.add_argument("--skip-large-nnls", action="store_true",
-                  help="do not run scipy nnls at 5000x2000 (~10 s).")
-  ap.add_argument("--out", default=DEFAULT_OUT, help="JSON output path.")
-  args = ap.parse_args(argv)
+  args = _timing.parse_args(
+      ap, argv, "lbfgsb", repeats=21, min_repeats=5, warmup=1, budget_s=60.0,
+      quick={"repeats": 5, "min_repeats": 3, "budget_s": 8.0})
+  problems = args.problems or ("200x50,batch" if args.quick else
+                               "200x50,2000x500,5000x2000,digits,batch")
+  jax.config.update("jax_enable_x64", True)  # Here, not at import.
 
-  if args.quick:
-    args.problems = args.problems or QUICK_PROBLEMS
-    args.repeats = args.repeats or 5
-    args.min_repeats = min(args.min_repeats, 3)
-    args.budget_s = args.budget_s or 8.0
-    args.warmup = min(args.warmup, 1)
-  args.problems = args.problems or ALL_PROBLEMS
-  args.repeats = args.repeats or 21
-  args.budget_s = args.budget_s or 60.0
-  names = [s.strip() for s in args.problems.split(",") if s.strip()]
-
-  info = _timing.machine_info()
-  info["scipy_version"] = scipy.__version__
-  info["blas"] = _timing.blas_info()
   have_jaxopt = False
-  jaxopt_note = "off"
-  want_jaxopt = args.jaxopt == "on" or (args.jaxopt == "auto" and not args.quick)
-  if want_jaxopt:
+  if args.jaxopt == "on" or (args.jaxopt == "auto" and not args.quick):
     try:
-      import jaxopt  # pylint: disable=g-import-not-at-top,unused-import
-      from importlib import metadata  # pylint: disable=g-import-not-at-top
-      try:
-        jaxopt_note = metadata.version("jaxopt")
-      except metadata.PackageNotFoundError:
-        jaxopt_note = "installed"
+      import jaxopt  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
       have_jaxopt = True
     except Exception as e:  # pylint: disable=broad-except
-      jaxopt_note = f"unavailable ({type(e).__name__}: {e})"
-  info["jaxopt"] = jaxopt_note
-  print(f"Machine: {_timing.describe_machine(info)}; scipy "
-        f"{scipy.__version__}; jaxopt {jaxopt_note}; numpy BLAS "
-        f"{info['blas']}; load average {info['loadavg_start']}\n", flush=True)
-
-  blas = BlasThreads()
-  t_start = time.perf_counter()
-  bw = measure_bandwidth(args.quick, blas)
+      _timing.eprint(f"jaxopt left out: {type(e).__name__}: {e}")
+  out = _timing.Report("lbfgsb", args, bandwidth=None)
+  bw = out.payload["bandwidth"] = _floors.measure_bandwidth(args.quick)
   print("Memory bandwidth (" + bw["matrix"] + "): " + ", ".join(
       f"{k} {_timing.fmt_bandwidth(v)}" for k, v in bw.items()
       if isinstance(v, float)) + "\n", flush=True)
-
-  results = []
-  payload = {}
-  for name in names:
+  for name in problems.split(","):
     t0 = time.perf_counter()
     _timing.eprint(f"[{name}]")
-    prob = make_problem(name, args.seed)
-    res = run_problem(prob, args, blas, have_jaxopt)
+    prob = _nnls_problems.make_problem(name.strip(), args.seed)
+    res = run_problem(prob, args, have_jaxopt)
     res["floor"] = floor_rows(res, bw["best"])
     res["wall_s"] = time.perf_counter() - t0
-    res["loadavg_after"] = _timing.loadavg()
-    results.append(res)
-    print(f"### {name}: {prob.note}\n\n" + method_table(res)
-          + f"\n\nGap: relative to {res['reference']}. KKT: "
-          "||x - max(x - grad, 0)||_inf. numpy BLAS threads for scipy: "
-          f"{res['blas_threads']}. " + " ".join(n + "." for n in res["notes"])
-          + f" ({res['wall_s']:.0f} s; load average after: "
-          f"{res['loadavg_after']})\n", flush=True)
-    payload = {"benchmark": "lbfgsb", "machine": info, "bandwidth": bw,
-               "config": dict(vars(args)), "results": results,
-               "targets": targets(results)}
-    _timing.write_json(args.out, payload)  # Partial results survive.
-
-  print(f"### posconstr vs its floors (bandwidth {_timing.fmt_bandwidth(bw['best'])}"
-        ", best measured)\n\n" + floor_table(results, bw["best"]) +
-        "\n\nBW floor: fev x 2 x size(A) bytes / bandwidth (the DRAM bound; "
-        "problems under 32 MB run from cache, so it understates them). "
-        "evals x eval: fev (batch: max fev over lanes) x the median time of "
-        "one value_and_grad inside a jitted loop at that size (batch: one "
-        "vmapped evaluation of all 64). rest/iter: (time - evals x eval) / "
-        "iterations (batch: max over lanes), i.e. the direction, bookkeeping "
-        "and loop overhead per iteration. CG oracle: evaluations conjugate "
-        "gradients needs from 0 on the solution's free columns to the same "
-        "tolerance (about the fewest any gradient method can use; it must "
-        "also find the active set), and that many jax evaluations against scipy "
-        "L-BFGS-B's time.\n")
-  print("### Summary (the README's table)\n\n" + summary_table(results) + "\n")
-  tg = targets(results)
-  if tg:
-    print("### Targets\n\n" + _timing.markdown_table(
-        ["target", "value", "where", "met"],
-        [[t["target"], f"{t['value']:.2f}", t["where"],
-          "yes" if t["met"] else "NO"] for t in tg]) + "\n")
-  info["loadavg_end"] = _timing.loadavg()
-  payload["targets"] = tg
-  _timing.write_json(args.out, payload)
-  print(f"Load average (1, 5, 15 min) at start {info['loadavg_start']}, at "
-        f"end {info['loadavg_end']}. Total {time.perf_counter() - t_start:.0f}"
-        f" s; JSON: {os.path.abspath(args.out)}")
-  return 0
+    out.add(res, f"### {name}: {prob.note}\n\n{method_table(res)}\n\n"
+            f"Gap: relative to {res['reference']}. KKT: ||x - max(x - grad, "
+            f"0)||_inf. numpy BLAS threads for scipy: {res['blas_threads']}. "
+            + " ".join(n + "." for n in res["notes"])
+            + f" ({res['wall_s']:.0f} s)")
+  results = out.payload["results"]
+  print(f"### posconstr vs its floors (bandwidth "
+        f"{_timing.fmt_bandwidth(bw['best'])}, best measured)\n\n"
+        f"{floor_table(results)}\n\n{FLOOR_NOTE}\n")
+  print("### Summary (the README's table)\n\n"
+        + readme_table(out.payload) + "\n")
+  return out.finish(SUMMARY_KEYS)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,17 @@
 """Batched NNLS: posconstr.nnls vs loops of scipy.optimize.nnls, optax.nnls.
 
-Cases (float64; times after compilation: medians of interleaved rounds and
-the median of per-round ratios to the loop of ``scipy.optimize.nnls``):
-``batch``, 64 problems of 200x50 each with its own ``A`` (``make_problem(
-"batch", seed)``; ``jax.vmap`` of ``nnls``, of ``posconstr.minimize`` at
-tol 1e-10, and of ``optax.nnls``); ``unmix``, one non-negative 200x20 ``A``
-(20 spectra ``|N(0,1)|``) and 10,000 right-hand sides ``A x + 0.01 noise``
-with sparse abundances (density 0.2), with the floor of one ``A^T B`` plus
-one ``G X`` and the bytes of ``B`` and ``X`` at copy bandwidth; ``large``,
-one 5000x2000 problem against scipy nnls and scipy L-BFGS-B (run once).
-
-jaxlib's CPU LAPACK (Cholesky) is the OpenBLAS scipy uses; on a loaded
-2-core machine its threads can be 30x slower than one (a 2000x2000
-Cholesky: 2.8 s against 0.1 s), so per case the faster of 1 thread and the
-default, chosen on scipy, is used for every method. ``optax.nnls`` gets the
-fewest of 32, 64, ... 2^14 iterations whose worst KKT residual ``||x -
-max(x - A^T(Ax - b), 0)||_inf`` is within max(10x posconstr's, 1e-10 pg0).
-KKT residuals and objective gaps (to scipy nnls) are recomputed in numpy,
-worst column; "support": the fraction of columns with scipy's support.
+Float64; times after compilation, medians of interleaved rounds and paired
+ratios to the loop of ``scipy.optimize.nnls``. Cases: ``batch``, 64 problems
+of 200x50 each with its own ``A`` (``jax.vmap`` of ``nnls``, of
+``posconstr.minimize`` at tol 1e-10 and of ``optax.nnls``); ``unmix``, one
+non-negative 200x20 ``A`` and 10,000 right-hand sides with sparse abundances,
+with the floor of one ``A^T B`` plus one ``G X``; ``large``, one 5000x2000
+problem against scipy nnls and L-BFGS-B (run once). Every method gets the
+faster of 1 BLAS thread and the default, chosen on scipy (jaxlib's CPU LAPACK
+is the same OpenBLAS). ``optax.nnls`` gets the fewest of 32, 64, ... 2^14
+iterations whose worst KKT residual is within max(10x posconstr's, 1e-10
+pg0). KKT residuals and gaps (to scipy nnls) are recomputed in numpy, worst
+column; "support": the fraction of columns with scipy's support.
 
 Usage: ``python -m benchmarks.nnls_batch [--quick] [--cases unmix]``.
 """
@@ -25,30 +19,30 @@ Usage: ``python -m benchmarks.nnls_batch [--quick] [--cases unmix]``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any, Callable, Dict
 
-if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))))
-
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import scipy.optimize
 
+from benchmarks import _floors
 from benchmarks import _timing
-from benchmarks._blas_threads import BlasThreads, choose_blas_threads
-from benchmarks._nnls_problems import gaussian, make_problem
-from benchmarks._nnls_solvers import posconstr_solve, scipy_lbfgsb
-from posconstr.solvers._quadratic import nnls
+from benchmarks._nnls_problems import gaussian
+from benchmarks._nnls_problems import make_problem
+from benchmarks._nnls_solvers import posconstr_solve
+from benchmarks._nnls_solvers import scipy_lbfgsb
+from posconstr import nnls
 
-DEFAULT_OUT = os.path.join("/tmp", "posconstr_bench", "nnls_batch.json")
 SCIPY = "scipy nnls loop"
 FLOOR = "floor: A^T B + G X"
+SUMMARY_KEYS = ("case", "note", "method", "median_s", "paired_ratio",
+                "kkt_max", "gap_max", "support_equal", "iters_mean",
+                "iters_max", "compile_s", "blas_threads", "products_s",
+                "ratio_to_scipy")
 
 
 def unmixing(seed: int, m=200, n=20, k=10_000):
@@ -95,7 +89,7 @@ def optax_at_kkt(A, B, target, batched, max_log2=14):
   return fn, t_comp, X, iters
 
 
-def run_case(name: str, args, blas: BlasThreads) -> Dict[str, Any]:
+def run_case(name: str, args) -> Dict[str, Any]:
   t0 = time.perf_counter()
   batched = name == "batch"
   if batched:
@@ -120,8 +114,8 @@ def run_case(name: str, args, blas: BlasThreads) -> Dict[str, Any]:
 
   probe = ((lambda: scipy_lbfgsb(A, B, 1e-10, 5000, 10)) if name == "large"
            else scipy_loop)
-  threads, _ = choose_blas_threads("best", blas, probe)
-  with blas.limit(threads):
+  threads, _ = _floors.choose_blas_threads("best", probe)
+  with _floors.blas_limit(threads):
     t_s = time.perf_counter()
     xs = scipy_loop()
     t_scipy_once = time.perf_counter() - t_s
@@ -139,7 +133,7 @@ def run_case(name: str, args, blas: BlasThreads) -> Dict[str, Any]:
                                   ["kkt"]), 1e-10 * ref["pg0"])
   if name == "large":
     out[SCIPY] = {"X": Xs, "single_s": t_scipy_once}
-    with blas.limit(threads):
+    with _floors.blas_limit(threads):
       t_s = time.perf_counter()
       lb = scipy_lbfgsb(A, B, 1e-10, 5000, 10)
     out["scipy L-BFGS-B"] = {"X": lb.x, "single_s": time.perf_counter() - t_s,
@@ -162,10 +156,10 @@ def run_case(name: str, args, blas: BlasThreads) -> Dict[str, Any]:
     G = jnp.asarray(A.T @ A)
     fns[FLOOR] = jitted(lambda A, B, X: (A.T @ B, G @ X), Aj, Bj,
                         jnp.asarray(Xs))[0]
-  with blas.limit(threads):
+  with _floors.blas_limit(threads):
     times = _timing.interleaved_times(
         fns, repeats=args.repeats, warmup=args.warmup,
-        time_budget_s=args.budget_s, min_repeats=args.min_repeats)
+        budget_s=args.budget_s, min_repeats=args.min_repeats)
   base = times.get(SCIPY, [out[SCIPY].get("single_s", np.nan)])
   rows = []
   for method, m in out.items():
@@ -185,14 +179,13 @@ def run_case(name: str, args, blas: BlasThreads) -> Dict[str, Any]:
                  "compile_s": m.get("compile_s")})
   floor = None
   if name == "unmix":
-    bw = _timing.copy_bandwidth(64 * 2**20, repeats=5)
+    bw = _floors.copy_bandwidth(64 * 2**20, repeats=5)
     t_prod = float(np.median(times[FLOOR]))
     floor = {"products_s": t_prod, "bytes_s": (B.nbytes + Xs.nbytes) / bw,
              "copy_bandwidth": bw,
              "ratio_to_scipy": t_prod / float(np.median(base))}
   return {"case": name, "note": note, "rows": rows, "floor": floor,
-          "wall_s": time.perf_counter() - t0, "blas_threads": threads,
-          "loadavg_after": _timing.loadavg()}
+          "wall_s": time.perf_counter() - t0, "blas_threads": threads}
 
 
 def table(res) -> str:
@@ -208,41 +201,30 @@ def table(res) -> str:
 
 
 def main(argv=None) -> int:
-  jax.config.update("jax_enable_x64", True)  # Here, not at import.
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  _timing.add_round_args(ap, DEFAULT_OUT, repeats=15, quick_repeats=5,
-                         min_repeats=5, warmup=1,
-                         quick_help="batch and unmix only, few rounds.")
   ap.add_argument("--cases", default=None, help="comma-separated subset of "
                   "batch,unmix,large (--quick: batch,unmix).")
   ap.add_argument("--unmix-k", type=int, default=10_000)
   ap.add_argument("--seed", type=int, default=0)
-  args = ap.parse_args(argv)
-  _timing.resolve_rounds(args, repeats=15, quick_repeats=5,
-                         quick_min_repeats=3, budget_s=60.0,
-                         quick_budget_s=10.0)
-  cases = (args.cases or ("batch,unmix" if args.quick
-                          else "batch,unmix,large")).split(",")
-  t_start = time.perf_counter()
-  payload = _timing.start_report("nnls_batch", args)
-  blas = BlasThreads()
-  for name in cases:
+  args = _timing.parse_args(
+      ap, argv, "nnls_batch", repeats=15, min_repeats=5, warmup=1,
+      budget_s=60.0, quick={"repeats": 5, "min_repeats": 3, "budget_s": 10.0})
+  jax.config.update("jax_enable_x64", True)  # Here, not at import.
+  report = _timing.Report("nnls_batch", args)
+  for name in (args.cases or ("batch,unmix" if args.quick
+                              else "batch,unmix,large")).split(","):
     _timing.eprint(f"[{name}]")
-    res = run_case(name.strip(), args, blas)
-    payload["results"].append(res)
-    print(f"### {name}: {res['note']}\n\n{table(res)}\n", flush=True)
+    res = run_case(name.strip(), args)
+    text = f"### {name}: {res['note']}\n\n{table(res)}\n\n"
     if res["floor"]:
       f = res["floor"]
-      print(f"Floor: A^T B + G X {_timing.fmt_time(f['products_s'])} "
-            f"({f['ratio_to_scipy']:.3f}x scipy); B and X at "
-            f"{_timing.fmt_bandwidth(f['copy_bandwidth'])}: "
-            f"{_timing.fmt_time(f['bytes_s'])}.\n", flush=True)
-    print(f"({res['wall_s']:.0f} s; numpy BLAS threads for scipy: "
-          f"{res['blas_threads']}; load average after "
-          f"{res['loadavg_after']})\n", flush=True)
-    _timing.write_json(args.out, payload)
-  _timing.finish(args.out, payload, t_start)
-  return 0
+      text += (f"Floor: A^T B + G X {_timing.fmt_time(f['products_s'])} "
+               f"({f['ratio_to_scipy']:.3f}x scipy); B and X at "
+               f"{_timing.fmt_bandwidth(f['copy_bandwidth'])}: "
+               f"{_timing.fmt_time(f['bytes_s'])}.\n\n")
+    report.add(res, text + f"({res['wall_s']:.0f} s; numpy BLAS threads for "
+               f"scipy: {res['blas_threads']})")
+  return report.finish(SUMMARY_KEYS)
 
 
 if __name__ == "__main__":

@@ -1,38 +1,39 @@
-"""README tables regenerated from the committed results, never typed by hand.
+"""README tables rendered from the committed summaries, never typed by hand.
 
-Every generated table in ``README.md`` sits between ``<!-- table: NAME -->``
-and ``<!-- /table -->``. ``NAME`` picks a renderer below and the results
-file it reads under ``benchmarks/results/``, which the command that
-measured the numbers wrote::
+A generated table in ``README.md`` sits between ``<!-- table: NAME -->`` and
+``<!-- /table -->``; ``NAME`` picks a renderer in :data:`RENDERERS` and the
+summary it reads from ``benchmarks/results/``, which the measuring command
+wrote (``python -m benchmarks.NAME --summary``, see ``_timing``; CUTEst:
+``python tests/_cutest.py benchmarks/results/cutest.json``). Then ``python -m
+benchmarks.readme_tables`` rewrites the tables in place; ``--check`` only
+reports (exit status 1) tables that differ from their summaries, which
+``tests/test_readme_tables.py`` runs.
 
-  python -m benchmarks.lbfgsb       # benchmarks/results/lbfgsb.json
-  python -m benchmarks.nnls_batch --out benchmarks/results/nnls_batch.json
-  python tests/_cutest.py benchmarks/results/cutest.json
-
-Then ``python -m benchmarks.readme_tables`` rewrites the tables in place;
-``--check`` only reports (exit status 1) tables that differ from their
-results, which ``tests/test_readme_tables.py`` runs.
+``gallery.EXAMPLE`` tables are the examples' own output: ``python
+examples/EXAMPLE.py --out docs/gallery`` saves its figure and the table it
+prints (``EXAMPLE.md``) there. ``--examples`` first runs every example that
+way (several minutes), so that one command regenerates every README table
+and gallery figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
+import subprocess
 import sys
 from typing import Callable, Dict, Tuple
 
-if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))))
+from benchmarks import _timing
 
-from benchmarks import _nnls_report  # pylint: disable=g-import-not-at-top
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "benchmarks", "results")
+REPO = _timing.REPO
+RESULTS = _timing.SUMMARY_DIR
+# The body may be empty (a new table): then it must not reach the next block.
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w.]+) -->\n)(?P<body>.*?)"
-                   r"(\n<!-- /table -->)", re.S)
+                   r"\n?<!-- /table -->", re.S)
 
 
 def _nnls_case(case: str) -> Callable[[dict], str]:
@@ -40,6 +41,12 @@ def _nnls_case(case: str) -> Callable[[dict], str]:
     from benchmarks import nnls_batch  # pylint: disable=g-import-not-at-top
     res = next(r for r in payload["results"] if r["case"] == case)
     return nnls_batch.table(res)
+  return render
+
+
+def _script(name: str) -> Callable[[dict], str]:
+  def render(payload: dict) -> str:  # Imported on use only.
+    return importlib.import_module(f"benchmarks.{name}").readme_table(payload)
   return render
 
 
@@ -51,16 +58,41 @@ def _cutest(payload: dict) -> str:
 
 # NAME: (results file, renderer of its payload).
 RENDERERS: Dict[str, Tuple[str, Callable[[dict], str]]] = {
-    "lbfgsb": ("lbfgsb.json",
-               lambda p: _nnls_report.summary_table(p["results"])),
+    "lbfgsb": ("lbfgsb.json", _script("lbfgsb")),
     "nnls_batch.batch": ("nnls_batch.json", _nnls_case("batch")),
     "nnls_batch.unmix": ("nnls_batch.json", _nnls_case("unmix")),
     "nnls_batch.large": ("nnls_batch.json", _nnls_case("large")),
     "cutest": ("cutest.json", _cutest),
+    "projection_overhead": ("projection_overhead.json",
+                            _script("projection_overhead")),
+    "reparam_overhead": ("reparam_overhead.json", _script("reparam_overhead")),
+    "exponentiated_gradient": ("exponentiated_gradient.json",
+                               _script("exponentiated_gradient")),
 }
 
 
+GALLERY = os.path.join(REPO, "docs", "gallery")
+EXAMPLES = ("quickstart", "lbfgs_network", "icnn", "monotone", "nmf",
+            "coding_layer")
+
+
+def run_examples(names=EXAMPLES) -> None:
+  """Runs each example at its defaults, writing into ``docs/gallery``."""
+  for name in names:
+    print(f"running examples/{name}.py", flush=True)
+    subprocess.run([sys.executable, os.path.join(REPO, "examples",
+                                                 f"{name}.py"),
+                    "--out", GALLERY, "--no-progress"], check=True)
+
+
 def render(name: str) -> str:
+  if name.startswith("gallery."):
+    example = name.split(".", 1)[1]
+    if example not in EXAMPLES:
+      raise KeyError(f"README table {name!r}: no example {example!r} (known: "
+                     f"{list(EXAMPLES)})")
+    with open(os.path.join(GALLERY, f"{example}.md")) as f:
+      return f.read().strip()
   if name not in RENDERERS:
     raise KeyError(f"README table {name!r}: no renderer (known: "
                    f"{sorted(RENDERERS)})")
@@ -77,7 +109,7 @@ def regenerate(text: str) -> Tuple[str, list]:
     body = render(m.group("name"))
     if body != m.group("body").strip():
       changed.append(m.group("name"))
-    return m.group(1) + body + m.group(4)
+    return m.group(1) + body + "\n<!-- /table -->"
 
   return BLOCK.sub(sub, text), changed
 
@@ -86,8 +118,15 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--check", action="store_true",
                   help="report stale tables (exit 1), write nothing")
+  ap.add_argument("--examples", action="store_true",
+                  help="first run every example into docs/gallery (figures "
+                  "and tables; several minutes)")
   ap.add_argument("--readme", default=os.path.join(REPO, "README.md"))
   args = ap.parse_args(argv)
+  if args.examples and args.check:
+    ap.error("--examples rewrites the gallery; it cannot be a --check")
+  if args.examples:
+    run_examples()
   with open(args.readme) as f:
     text = f.read()
   new, changed = regenerate(text)

@@ -1,43 +1,29 @@
 """What does a reparameterized kernel cost? fwd+bwd of a Dense layer.
 
-One Dense layer ``y = x @ K + b`` (width x width, default 1024) and the loss
-``mean(y**2)``; ``jax.value_and_grad`` with respect to the parameters, jitted
-and compiled ahead. The kernel is ``K = g(latent)`` for:
-
-* ``dense``: no ``g`` (the baseline);
-* ``posconstr Softplus``: :class:`posconstr.Softplus` (a ``custom_jvp`` whose
-  forward and backward share one ``exp``);
-* ``jax.nn.softplus``: the same function from JAX (the peer);
-* ``posconstr Exp`` / ``Square`` / ``ReLU`` / ``Sigmoid``, and
-  ``jax.nn.sigmoid`` (the peer of ``Sigmoid(0, 1)``).
-
-All variants run in one process, interleaved round-robin (``_timing``), for
-each batch size (default 128 and 16: at small batches the matmul is cheap and
-the elementwise ``g`` and its backward show). Reported: median time after
-compilation, the median of the per-round ratios to ``dense``, the ratios of
-medians and of minima (the least disturbed by neighbours), and XLA's cost analysis of the very executable that is timed
-(bytes accessed, transcendentals), plus the paired ratio of
-``posconstr Softplus`` to ``jax.nn.softplus``.
+``jax.value_and_grad`` of ``mean((x @ g(latent) + b)**2)`` (width x width,
+default 1024), jitted and compiled ahead, for ``dense`` (no ``g``, the
+baseline), ``posconstr`` Softplus (one ``exp`` shared by forward and
+backward), Exp, Square, ReLU and Sigmoid(0, 1), and their peers
+``jax.nn.softplus`` and ``jax.nn.sigmoid``; per batch size (default 128 and
+16: at small batches the elementwise ``g`` and its backward show). Reported:
+median time after compilation, paired ratio to ``dense``, ratios of medians
+and of minima, XLA's bytes accessed and transcendentals of the executable
+timed, and posconstr's Softplus paired against ``jax.nn.softplus``.
 
 Usage::
 
   python -m benchmarks.reparam_overhead                # batches 128,16
   python -m benchmarks.reparam_overhead --quick        # ~10 s smoke run
-  python -m benchmarks.reparam_overhead --batches 128 --repeats 100 --out r.json
+  python -m benchmarks.reparam_overhead --batches 128 --repeats 100
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from typing import Any, Callable, Dict, Optional
 
-if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # pylint: disable=g-import-not-at-top
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -47,20 +33,20 @@ from benchmarks import _xla_cost
 
 BASELINE = "dense"
 PEER = ("posconstr Softplus", "jax.nn.softplus")
-DEFAULT_OUT = os.path.join("benchmarks", "results", "reparam_overhead.json")
+SUMMARY_KEYS = ("batch", "width", "repeats", "median_s", "paired_ratio",
+                "ratio_of_mins", "bytes_accessed", "transcendentals",
+                "softplus_vs_jax")
 
 
 def variants() -> Dict[str, Optional[Callable]]:
-  return {
-      "dense": None,
-      "posconstr Softplus": posconstr.Softplus().forward,
-      "jax.nn.softplus": jax.nn.softplus,
-      "posconstr Exp": posconstr.Exp().forward,
-      "posconstr Square": posconstr.Square().forward,
-      "posconstr ReLU": posconstr.ReLU().forward,
-      "posconstr Sigmoid": posconstr.Sigmoid(0.0, 1.0).forward,
-      "jax.nn.sigmoid": jax.nn.sigmoid,
-  }
+  return {"dense": None,
+          "posconstr Softplus": posconstr.Softplus().forward,
+          "jax.nn.softplus": jax.nn.softplus,
+          "posconstr Exp": posconstr.Exp().forward,
+          "posconstr Square": posconstr.Square().forward,
+          "posconstr ReLU": posconstr.ReLU().forward,
+          "posconstr Sigmoid": posconstr.Sigmoid(0.0, 1.0).forward,
+          "jax.nn.sigmoid": jax.nn.sigmoid}
 
 
 def make_step(g: Optional[Callable]):
@@ -68,61 +54,53 @@ def make_step(g: Optional[Callable]):
     kernel = params["latent"] if g is None else g(params["latent"])
     y = x @ kernel + params["bias"]
     return jnp.mean(y * y)
-  return jax.value_and_grad(loss)
+  return jax.jit(jax.value_and_grad(loss))
 
 
 def run_batch(batch: int, width: int, names, args) -> Dict[str, Any]:
   kk, kx = jax.random.split(jax.random.key(0))
-  params = {"latent": jax.random.normal(kk, (width, width), jnp.float32)
-                      / np.sqrt(width),
-            "bias": jnp.zeros((width,), jnp.float32)}
-  x = jax.random.normal(kx, (batch, width), jnp.float32)
+  params = {"latent": jax.random.normal(kk, (width, width)) / np.sqrt(width),
+            "bias": jnp.zeros((width,))}
+  x = jax.random.normal(kx, (batch, width))
   specs = variants()
-  compiled, costs, compile_s, checks = {}, {}, {}, {}
+  rows, fns = {}, {}
   for name in names:
-    t0 = time.perf_counter()
-    exe = jax.jit(make_step(specs[name])).lower(params, x).compile()
-    compile_s[name] = time.perf_counter() - t0
-    compiled[name] = exe
-    costs[name] = _xla_cost.cost_summary(exe)
+    exe, compile_s = _timing.compile_timed(make_step(specs[name]), params, x)
     value, grads = exe(params, x)
-    checks[name] = bool(np.isfinite(float(value))
-                        and all(np.isfinite(np.asarray(v)).all()
-                                for v in jax.tree.leaves(grads)))
-  fns = {name: (lambda exe=exe: exe(params, x)) for name, exe in compiled.items()}
-  times = _timing.interleaved_times(fns, repeats=args.repeats, warmup=args.warmup,
-                                    time_budget_s=args.budget_s,
-                                    min_repeats=args.min_repeats)
-  base = times[BASELINE]
-  rows = {}
+    costs = _xla_cost.cost_summary(exe)
+    rows[name] = {"bytes_accessed": costs["bytes accessed"],
+                  "flops": costs["flops"],
+                  "transcendentals": costs["transcendentals"],
+                  "compile_s": compile_s,
+                  "finite": bool(all(np.isfinite(v).all() for v in
+                                     jax.tree.leaves((value, grads))))}
+    fns[name] = lambda exe=exe: exe(params, x)
+  times = _timing.interleaved_times(
+      fns, repeats=args.repeats, warmup=args.warmup, budget_s=args.budget_s,
+      min_repeats=args.min_repeats)
   for name in names:
-    rows[name] = {
-        **_timing.timing_row(times[name], base),
-        "bytes_accessed": costs[name]["bytes accessed"],
-        "flops": costs[name]["flops"],
-        "transcendentals": costs[name]["transcendentals"],
-        "compile_s": compile_s[name],
-        "finite": checks[name],
-    }
-  result = {"batch": batch, "width": width, "repeats": len(base), "variants": rows}
+    rows[name] = {**_timing.timing_row(times[name], times[BASELINE]),
+                  **rows[name]}
+  result = {"batch": batch, "width": width, "repeats": len(times[BASELINE]),
+            "variants": rows}
   if all(p in times for p in PEER):
-    result["softplus_vs_jax"] = _timing.paired_ratio(times[PEER[0]], times[PEER[1]])
-    result["softplus_vs_jax"]["ratio_of_mins"] = min(times[PEER[0]]) / min(times[PEER[1]])
+    mine, peer = times[PEER[0]], times[PEER[1]]
+    result["softplus_vs_jax"] = {**_timing.paired_ratio(mine, peer),
+                                 "ratio_of_mins": min(mine) / min(peer)}
   return result
 
 
 def table(result) -> str:
-  headers = ["kernel", *_timing.TIMING_HEADERS, "bytes accessed",
-             "transcendentals"]
-  rows = []
-  for name, v in result["variants"].items():
-    tr = v["transcendentals"]
-    rows.append([name, *_timing.timing_cells(v),
-                 _timing.fmt_bytes(v["bytes_accessed"]),
-                 "n/a" if tr is None else f"{tr:.3g}"])
+  rows = [[name, *_timing.timing_cells(v),
+           _timing.fmt_bytes(v["bytes_accessed"]),
+           "n/a" if v["transcendentals"] is None
+           else f"{v['transcendentals']:.3g}"]
+          for name, v in result["variants"].items()]
   text = (f"### fwd+bwd, Dense {result['width']}x{result['width']}, batch "
           f"{result['batch']}, {result['repeats']} interleaved rounds\n\n"
-          + _timing.markdown_table(headers, rows))
+          + _timing.markdown_table(["kernel", *_timing.TIMING_HEADERS,
+                                    "bytes accessed", "transcendentals"],
+                                   rows))
   if "softplus_vs_jax" in result:
     r = result["softplus_vs_jax"]
     text += (f"\n\nposconstr Softplus / jax.nn.softplus (paired): "
@@ -131,33 +109,50 @@ def table(result) -> str:
   return text
 
 
+# The README's table: its label -> variant.
+README_ROWS = {
+    "`posconstr.Softplus` (one shared `exp`)": "posconstr Softplus",
+    "`jax.nn.softplus`": "jax.nn.softplus",
+    "`posconstr.Exp`": "posconstr Exp",
+    "`posconstr.Square`": "posconstr Square",
+    "`posconstr.ReLU`": "posconstr ReLU",
+    "`posconstr.Sigmoid(0, 1)`": "posconstr Sigmoid",
+    "`jax.nn.sigmoid`": "jax.nn.sigmoid",
+}
+
+
+def readme_table(payload) -> str:
+  """Paired time ratios to the plain Dense per batch; Softplus vs JAX's."""
+  results = payload["results"]
+  table_ = _timing.markdown_table(
+      ["kernel", *(f"batch {r['batch']}" for r in results)],
+      [[label, *(f"{r['variants'][name]['paired_ratio']['median']:.2f}x"
+                 for r in results)] for label, name in README_ROWS.items()])
+  peer = "; ".join(f"{r['softplus_vs_jax']['median']:.2f}x "
+                   f"[{r['softplus_vs_jax']['q1']:.2f}, "
+                   f"{r['softplus_vs_jax']['q3']:.2f}] at batch {r['batch']}"
+                   for r in results)
+  return (f"{table_}\n\n`posconstr.Softplus` against `jax.nn.softplus`, "
+          f"paired (median [quartiles]): {peer}.")
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--batches", default="128,16", help="comma-separated batch sizes.")
+  ap.add_argument("--batches", default="128,16",
+                  help="comma-separated batch sizes.")
   ap.add_argument("--width", type=int, default=1024)
   ap.add_argument("--variants", default=None,
                   help="comma-separated subset of: " + ", ".join(variants()))
-  _timing.add_round_args(ap, DEFAULT_OUT, repeats=60, quick_repeats=12,
-                         min_repeats=10, warmup=2,
-                         quick_help="few repeats (~10 s).")
-  args = ap.parse_args(argv)
-  _timing.resolve_rounds(args, repeats=60, quick_repeats=12,
-                         quick_min_repeats=6, quick_budget_s=3.0)
+  args = _timing.parse_args(
+      ap, argv, "reparam_overhead", repeats=60, min_repeats=10, warmup=2,
+      quick={"repeats": 12, "min_repeats": 6, "budget_s": 3.0})
   names = _timing.select_variants(ap, args.variants, list(variants()),
                                   BASELINE)
-
-  payload = _timing.start_report("reparam_overhead", args)
-  t_start = time.perf_counter()
-  for batch in [int(b) for b in args.batches.split(",") if b.strip()]:
-    result = run_batch(batch, args.width, names, args)
-    result["loadavg_after"] = _timing.loadavg()
-    payload["results"].append(result)
-    print("\n" + table(result) + f"\n\n(load average after: "
-          f"{result['loadavg_after']})", flush=True)
-    _timing.write_json(args.out, payload)  # Partial results survive.
-  print()
-  _timing.finish(args.out, payload, t_start)
-  return 0
+  report = _timing.Report("reparam_overhead", args)
+  for batch in args.batches.split(","):
+    res = run_batch(int(batch), args.width, names, args)
+    report.add(res, table(res))
+  return report.finish(SUMMARY_KEYS)
 
 
 if __name__ == "__main__":

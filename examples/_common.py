@@ -12,6 +12,7 @@ import argparse
 import fnmatch
 import functools
 import os
+import platform
 import sys
 import time
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
@@ -266,13 +267,34 @@ def save_figure(fig, out_dir: str, filename: str, dpi: int = 80) -> str:
   return path
 
 
+def machine_line() -> str:
+  """Where the times in a table were taken: CPU, cores, backend and load."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(l.split(":", 1)[1].strip() for l in f
+                 if l.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  return (f"Times: {cpu}, {os.cpu_count()} cores, JAX {jax.__version__} on "
+          f"{jax.default_backend()}, load average {load:.1f} at the end.")
+
+
 def report(table: str, figure: str, *notes: str) -> None:
-  """Prints the summary table, notes below it, and where the figure is."""
+  """Prints the summary table and notes, and saves them beside the figure.
+
+  ``figure``'s folder gets ``<name>.md`` with the same text: the README's
+  gallery tables are rendered from those files
+  (``python -m benchmarks.readme_tables --examples``), never typed.
+  """
+  text = "\n\n".join((table,) + notes + (machine_line(),))
   print()
-  print(table)
-  for note in notes:
-    print(f"\n{note}")
-  print(f"\nSaved figure: {figure}")
+  print(text)
+  summary = os.path.splitext(figure)[0] + ".md"
+  with open(summary, "w") as f:
+    f.write(text + "\n")
+  print(f"\nSaved figure: {figure}\nSaved table:  {summary}")
 
 
 # ----------------------------------------------------------------- flags ----

@@ -1,42 +1,43 @@
 """Input-convex networks on digits: why the initialization of Wz >= 0 matters.
 
 A fully input-convex network (ICNN; Amos, Xu & Kolter, "Input Convex Neural
-Networks", ICML 2017) maps an image ``x`` to ten class energies ``E(x)``,
-each convex in ``x``::
+Networks", ICML 2017), ``posconstr.linen.ICNN``, maps an image ``x`` to ten
+class energies ``E(x)``, each convex in ``x``::
 
-  z_1     = relu(Wx_0 x + b_0)
-  z_{k+1} = relu(Wz_k z_k + Wx_k x + b_k)      Wz_k >= 0,  k = 1 .. depth-2
-  E(x)    =      Wz_L z_L + Wx_L x + b_L        Wz_L >= 0   (10 energies)
+  z_0  = Wx_0 x + b_0
+  z_k  = Wz_k relu(z_{k-1}) + Wx_k x + b_k      Wz_k >= 0,  k = 1 .. depth-1
+  E(x) = z_{depth-1}                            (10 energies)
 
 and is trained as a classifier with ``logits = -E(x)`` (cross-entropy, full
 batch, Adam) on scikit-learn's bundled digits, at depth 3, 5 and 7 (the
-number of linear maps along the ``z`` path). Three ways of keeping ``Wz >= 0``:
+number of layers). Three ways of keeping ``Wz >= 0``:
 
-  * ``he+clip``:   He-normal ``Wz``, clipped to ``>= 0`` at initialization and,
-    by ``posconstr.project_nonneg(mask="Wz_*/kernel")`` as the last link of
-    the optimizer, after every Adam step;
-  * ``icnn+proj``: the same projection, but ``Wz`` drawn from
-    ``posconstr.initializers.icnn()`` with biases from ``icnn_bias(fan_in)``
-    (Hoedt & Klambauer, "Principled Weight Initialisation for Input-Convex
-    Neural Networks", NeurIPS 2023);
-  * ``exp``:       ``Wz = exp(latent)`` through
-    ``posconstr.linen.NonNegDense(parameterization=posconstr.Exp())``, with
-    the same principled initialization of the applied weights (the log-normal
-    ``icnn()`` draw is a normal draw of the latents), trained by plain Adam.
+  * ``he+proj``:   ``ICNN(..., positivity="project",
+    z_kernel_init=he_normal())``: |He-normal| ``Wz`` and zero biases, kept
+    ``>= 0`` after every Adam step by ``model.projection()``, the last link
+    of the optimizer (Amos et al. clip after each step);
+  * ``icnn+proj``: the same projection with the layer's default
+    initialization (Hoedt & Klambauer, "Principled Weight Initialisation for
+    Input-Convex Neural Networks", NeurIPS 2023: log-normal ``Wz`` and
+    matching negative biases);
+  * ``exp``:       ``ICNN(..., positivity=posconstr.Exp())``: ``Wz =
+    exp(latent)``, the same principled initialization of the applied weights
+    (a normal draw of the latents), trained by plain Adam.
 
-Clipped He weights have a positive mean, so every layer multiplies the mean
-activation (about 4.5x per layer at width 64): the initial loss explodes with
-depth and training degrades. The principled initialization keeps the signal
-at its fixed point at every depth (Hoedt & Klambauer's depth effect). At the
-same Adam step size ``exp`` trains more slowly (a step in the latent changes
-a weight by a factor, ``exp(lr)``), but it does not degrade with depth either.
+|He| weights have a positive mean, so every layer multiplies the mean
+activation: the initial loss explodes with depth and training degrades. The
+principled initialization keeps the signal at its fixed point at every depth
+(Hoedt & Klambauer's depth effect). At the same Adam step size ``exp`` trains
+more slowly (a step in the latent changes a weight by a factor, ``exp(lr)``),
+but it does not degrade with depth either.
 
 Every trained model is checked for convexity numerically: along random
 segments ``[a, b]`` (pairs of test images and pairs of far-off Gaussian
 points) every energy must satisfy
 ``E(t a + (1 - t) b) <= t E(a) + (1 - t) E(b) + tol`` with
 ``tol = 1e-5 * (1 + |E(a)| + |E(b)|)`` (float32 rounding). The same check
-run on the same architecture with free ``Wz`` shows that it has teeth.
+run on the same network with the signs of ``Wz`` flipped at random shows that
+it has teeth.
 
 It prints a markdown table and saves the loss curves per depth. Run it with::
 
@@ -46,11 +47,10 @@ It prints a markdown table and saves the loss curves per depth. Run it with::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common.
 import _common  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -63,103 +63,38 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import posconstr  # noqa: E402
-from posconstr import initializers  # noqa: E402
 
 DEFAULT_STEPS = 300
 DEPTHS = (3, 5, 7)
 LEARNING_RATE = 3e-3
 WIDTH = 64
 NUM_CLASSES = 10
-WZ_PATTERN = "Wz_*/kernel"  # The kernels that must stay >= 0.
 CONVEXITY_TOL = 1e-5  # Relative to 1 + |E(a)| + |E(b)|: float32 rounding.
 SEGMENT_T = np.linspace(0.05, 0.95, 10)
 
+# The compared variants: the ICNN arguments besides ``features``.
+VARIANTS = {
+    "he+proj": dict(positivity="project",
+                    z_kernel_init=nn.initializers.he_normal()),
+    "icnn+proj": dict(positivity="project"),
+    "exp": dict(positivity=posconstr.Exp()),
+}
 
-# ----------------------------------------------------------------- model ----
 
-class ICNN(nn.Module):
-  """A fully input-convex network: ``x -> num_outputs`` convex energies.
+def make_model(depth: int, **options) -> posconstr.linen.ICNN:
+  return posconstr.linen.ICNN((WIDTH,) * (depth - 1) + (NUM_CLASSES,),
+                              **options)
 
-  Attributes:
-    depth: number of linear maps along the ``z`` path (>= 2): ``Wx_0``, then
-      ``Wz_1 .. Wz_{depth-1}`` (the last one gives the energies).
-    wz: ``"he"`` (``nn.Dense``, He-normal, to be clipped), ``"icnn"``
-      (``nn.Dense`` with the principled init, to be projected) or ``"exp"``
-      (``NonNegDense`` with ``Exp``: always >= 0, ``params`` hold latents).
-      Unprojected, ``"he"`` is also the free-``Wz`` model of the sanity check.
+
+@functools.lru_cache(maxsize=None)
+def optimizer(model: posconstr.linen.ICNN, learning_rate: float):
+  """Adam, with the layer's projection last when the params are weights.
+
+  One object per (model, rate): the jitted step is compiled once for it.
   """
-  depth: int
-  wz: str = "icnn"
-  width: int = WIDTH
-  num_outputs: int = NUM_CLASSES
-
-  def _wz_layer(self, features: int, fan_in: int, name: str) -> nn.Module:
-    if self.wz == "he":
-      return nn.Dense(features, kernel_init=nn.initializers.he_normal(),
-                      name=name)
-    kernel_init = initializers.icnn()
-    bias_init = initializers.icnn_bias(fan_in)
-    if self.wz == "icnn":
-      return nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init,
-                      name=name)
-    if self.wz == "exp":
-      return posconstr.linen.NonNegDense(
-          features, parameterization=posconstr.Exp(), kernel_init=kernel_init,
-          bias_init=bias_init, name=name)
-    raise ValueError(f"unknown wz {self.wz!r}")
-
-  @nn.compact
-  def __call__(self, x):
-    if self.depth < 2:
-      raise ValueError(f"depth must be >= 2, got {self.depth}")
-    z = nn.relu(nn.Dense(self.width, kernel_init=nn.initializers.he_normal(),
-                         name="Wx_0")(x))
-    for k in range(1, self.depth):
-      last = k == self.depth - 1
-      features = self.num_outputs if last else self.width
-      pre = (self._wz_layer(features, z.shape[-1], f"Wz_{k}")(z)
-             + nn.Dense(features, use_bias=False, name=f"Wx_{k}")(x))
-      z = pre if last else nn.relu(pre)
-    return z  # Energies; logits are -z.
-
-
-# -------------------------------------------------------------- variants ----
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-  """One way of keeping ``Wz >= 0``: one row per depth in the table.
-
-  Attributes:
-    name: the row's label in the table and the figure.
-    wz: the :class:`ICNN` ``wz`` option.
-    optimizer: an Optax transformation. A projection must be its last link.
-    project_init: whether to project the initial ``Wz`` onto ``>= 0``.
-    applied_params: maps trained ``params`` to the applied ones (the identity
-      unless ``params`` hold latents).
-  """
-  name: str
-  wz: str
-  optimizer: optax.GradientTransformation
-  project_init: bool = False
-  applied_params: Callable[[Any], Any] = _common.identity
-
-
-@jax.jit  # One compilation, not one per eager op and kernel shape.
-def _exp_applied(params):
-  """Applied params of the ``exp`` model: ``Wz`` kernels are ``exp(latent)``."""
-  return posconstr.reparam(params, {WZ_PATTERN: posconstr.Exp()})
-
-
-def make_variants(learning_rate: float = LEARNING_RATE) -> List[Variant]:
-  """The compared variants (same data, same seed, same steps)."""
-  clip = posconstr.chain(optax.adam(learning_rate),
-                         posconstr.project_nonneg(mask=WZ_PATTERN))
-  return [
-      Variant("he+clip", "he", clip, project_init=True),
-      Variant("icnn+proj", "icnn", clip, project_init=True),
-      Variant("exp", "exp", optax.adam(learning_rate),
-              applied_params=_exp_applied),
-  ]
+  if model.positivity == "project":
+    return optax.chain(optax.adam(learning_rate), model.projection())
+  return optax.adam(learning_rate)
 
 
 # -------------------------------------------------------------- training ----
@@ -180,25 +115,6 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, params,
       lambda p: _loss(model, p, x_train, y_train))(params)
   updates, opt_state = tx.update(grads, opt_state, params)
   return (optax.apply_updates(params, updates), opt_state), loss
-
-
-def applied_model(depth: int, wz: str) -> "ICNN":
-  """The model that applies the params of an ``ICNN(depth, wz)``.
-
-  ``"he"`` and ``"icnn"`` differ only in their init: they share one model,
-  hence one compiled step and one compiled check.
-  """
-  return ICNN(depth=depth, wz="exp" if wz == "exp" else "he")
-
-
-def init_params(model: nn.Module, key: jax.Array, x: jax.Array):
-  """``model``'s initial params, computed eagerly (not jitted).
-
-  Under ``jit`` each of the nine models would compile its whole
-  initialization (seconds on CPU); eagerly, the few random ops compile once
-  and serve every model.
-  """
-  return model.init(key, x)["params"]
 
 
 def segments(data: Dict[str, jax.Array], seed: int, n: int = 256):
@@ -234,45 +150,49 @@ def convexity_gap(model: nn.Module, params, a: jax.Array, b: jax.Array):
 @functools.partial(jax.jit, static_argnums=0)
 def assess(model: nn.Module, params, data: Dict[str, jax.Array],
            a: jax.Array, b: jax.Array):
-  """(test accuracy, training loss on the whole training set, convexity gap).
+  """(test accuracy, training loss, convexity gap, smallest applied Wz).
 
   One compiled function per model (compilation dominates short runs).
   """
   logits = -model.apply({"params": params}, data["x_test"])
   accuracy = jnp.mean(jnp.argmax(logits, -1) == data["y_test"])
+  kernels = model.apply({"params": params}, method="applied_kernels")
+  min_wz = jnp.min(jnp.stack([k.min() for name, k in kernels.items()
+                              if name[0] == "z"]))
   return (accuracy, _loss(model, params, data["x_train"], data["y_train"]),
-          convexity_gap(model, params, a, b))
+          convexity_gap(model, params, a, b), min_wz)
 
 
-def train_variant(variant: Variant, depth: int, data: Dict[str, jax.Array],
+def train_variant(name: str, depth: int, data: Dict[str, jax.Array],
                   steps: int, key: jax.Array, check_segments,
+                  learning_rate: float = LEARNING_RATE,
                   progress: bool = True) -> Dict[str, Any]:
   """Trains one variant at one depth from ``key``; returns metrics, curves."""
-  params = init_params(ICNN(depth=depth, wz=variant.wz), key,
-                       data["x_train"][:1])
-  if variant.project_init:
-    params = posconstr.project_params(params, posconstr.NonNegative(),
-                                      mask=WZ_PATTERN)
-  model, tx = applied_model(depth, variant.wz), variant.optimizer
+  model = make_model(depth, **VARIANTS[name])
+  params = model.init(key, data["x_train"][:1])["params"]
+  # The initializers do not change the forward pass: drop them, so that the
+  # two projected variants share one model, one compiled step and check.
+  model = model.clone(z_kernel_init=None)
+  tx = optimizer(model, learning_rate)
 
   (params, _), losses, seconds = _common.run_steps(
       lambda carry, i: train_step(model, tx, *carry, data["x_train"],
                                   data["y_train"]),
       (params, tx.init(params)), steps,
-      desc=f"depth {depth} {variant.name:>9}", show=progress, every=50)
+      desc=f"depth {depth} {name:>9}", show=progress, every=50)
 
-  accuracy, train_loss, gap = assess(model, params, data, *check_segments)
+  accuracy, train_loss, gap, min_wz = assess(model, params, data,
+                                             *check_segments)
   gap = float(gap)
-  wz = _common.flat_matching(variant.applied_params(params), WZ_PATTERN)
   return {
       "depth": depth,
-      "method": variant.name,
+      "method": name,
       "test_accuracy": float(accuracy),
       "initial_loss": float(losses[0]),
       "final_train_loss": float(train_loss),
       "convexity_gap": gap,
       "convex": bool(gap <= CONVEXITY_TOL),
-      "min_wz": float(wz.min()),
+      "min_wz": float(min_wz),
       "losses": losses,
       "train_seconds": seconds,
       "params": params,
@@ -280,12 +200,16 @@ def train_variant(variant: Variant, depth: int, data: Dict[str, jax.Array],
 
 
 def free_wz_gap(depth: int, data, key: jax.Array, check_segments) -> float:
-  """Convexity gap of the same architecture with free He-normal ``Wz``.
+  """Convexity gap of the same network with the signs of ``Wz`` flipped.
 
   Untrained: a sanity check that the numeric test detects non-convexity.
   """
-  model = applied_model(depth, "he")
-  params = init_params(model, key, data["x_train"][:1])
+  model = make_model(depth, positivity="project")
+  params = model.init(key, data["x_train"][:1])["params"]
+  for k, name in enumerate(model.constrained_paths()):
+    layer = params[name.split("/")[0]]
+    layer["kernel"] = layer["kernel"] * jax.random.rademacher(
+        jax.random.fold_in(key, k), layer["kernel"].shape, jnp.float32)
   return float(assess(model, params, data, *check_segments)[2])
 
 
@@ -299,7 +223,7 @@ def summary_table(results: Dict[str, Dict[str, Any]],
            f"{r['convexity_gap']:.2e}", "yes" if r["convex"] else "NO",
            f"{r['min_wz']:.3g}", f"{r['train_seconds']:.1f}"]
           for r in results.values()]
-  rows += [[depth, "free Wz (untrained, sanity)", "", "", "", f"{gap:.2e}",
+  rows += [[depth, "signs of Wz flipped (sanity)", "", "", "", f"{gap:.2e}",
             "yes" if gap <= CONVEXITY_TOL else "NO", "", ""]
            for depth, gap in free_gaps.items()]
   return _common.markdown_table(
@@ -353,19 +277,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   ``convexity_gap`` (largest relative gap), ``convex`` (gap <= tolerance),
   ``min_wz`` (smallest applied ``Wz`` weight), ``losses`` (per step),
   ``train_seconds`` and the trained ``params``. ``free_wz_gaps`` maps each
-  depth to the gap of the unconstrained sanity model.
+  depth to the gap of the sanity model (signs of ``Wz`` flipped).
   """
   args = parse_args(argv)
   data = _common.load_digits(args.seed)
   key = jax.random.key(args.seed)
   check_segments = segments(data, args.seed + 1)
   results, free_gaps = {}, {}
-  variants = make_variants(args.lr)  # One optimizer object: one compile.
   for depth in args.depths:
-    for variant in variants:
+    for name in VARIANTS:
       # Same key for every variant: the free layers (Wx) start identical.
-      results[f"depth {depth} {variant.name}"] = train_variant(
-          variant, depth, data, args.steps, key, check_segments,
+      results[f"depth {depth} {name}"] = train_variant(
+          name, depth, data, args.steps, key, check_segments, args.lr,
           progress=not args.no_progress)
     free_gaps[depth] = free_wz_gap(depth, data, key, check_segments)
   figure = save_figure(results, args.depths, args.out)
@@ -375,7 +298,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
       f"+ {CONVEXITY_TOL:g}(1+|E(a)|+|E(b)|) on {len(check_segments[0])} "
       f"segments x {len(SEGMENT_T)} points.",
       "train s includes compilation; icnn+proj reuses the step that "
-      "he+clip compiled at the same depth.")
+      "he+proj compiled at the same depth.")
   return {"runs": results, "free_wz_gaps": free_gaps, "figure": figure}
 
 

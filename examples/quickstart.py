@@ -1,7 +1,7 @@
-"""Quickstart: a non-negative-weight MLP on scikit-learn's digits, three ways.
+"""Quickstart: a non-negative-weight MLP on scikit-learn's digits, six ways.
 
 Trains the same small MLP (64 -> 64 -> 10, relu) with cross-entropy, full
-batch (``--batch-size`` for minibatches), from the same seed, three ways:
+batch (``--batch-size`` for minibatches), from the same seed, six ways:
 
   * ``adam``:          plain ``optax.adam``, free weights (the reference);
   * ``adam+project``:  ``optax.adam`` followed by
@@ -11,13 +11,23 @@ batch (``--batch-size`` for minibatches), from the same seed, three ways:
   * ``adam+softplus``: the kernels are ``softplus(latent)`` through
     ``posconstr.linen.Reparameterized(nn.Dense(...), kernel=Softplus())``;
     ``params`` hold the latents and plain ``optax.adam`` trains them. The
-    applied weights are > 0 always, never exactly 0.
+    applied weights are > 0 always, never exactly 0;
+  * ``adam+softplus+revive``: the same, with the optimizer wrapped in
+    ``posconstr.revive_dead(optax.adam(lr), rules)``: a latent that is dead
+    (softplus' < 1e-3) while its gradient asks for a larger weight, for 100
+    consecutive steps, is moved to the latent of 0.01;
+  * ``adam+relu``: the kernels are ``relu(latent)`` (``posconstr.ReLU``),
+    whose latents below 0 get no gradient at all and stay dead;
+  * ``adam+relu+revive``: the same with ``revive_dead(..., probe=True)``:
+    with no gradient there is no sign to read, so every latent dead for 100
+    steps is moved to 0.01, and those the loss wants at 0 die again.
 
 It prints a markdown table (test accuracy, final training loss, smallest
-applied kernel weight, and the share of kernel weights exactly on the bound
-(projection) or *dead*, i.e. whose latent has a softplus derivative below
-1e-3 (reparameterization, ``posconstr.dead_fraction``) and saves a figure
-with the loss curves and histograms of the applied kernel weights.
+applied kernel weight, the share of kernel weights exactly on the bound
+(projection) or *dead*, i.e. whose latent has a derivative below 1e-3
+(reparameterization, ``posconstr.dead_fraction``), and how many latents
+``revive_dead`` moved) and saves a figure with the loss curves and histograms
+of the applied kernel weights.
 
 Run it with::
 
@@ -50,6 +60,15 @@ DEFAULT_STEPS = 1000
 LEARNING_RATE = 3e-3
 KERNEL_PATTERN = "*/kernel"
 DEAD_TOL = 1e-3  # posconstr.dead_fraction's default: softplus'(z) < 1e-3.
+PATIENCE = 100  # revive_dead: consecutive stalled steps before a revival.
+
+
+class ReLUKernelMLP(_common.MLP):
+  """``_common.MLP`` whose kernels are ``relu(latent)``."""
+
+  def _dense(self, features: int, name: str) -> nn.Module:
+    return posconstr.linen.Reparameterized(
+        nn.Dense(features), kernel=posconstr.ReLU(), name=name)
 
 
 # -------------------------------------------------------------- variants ----
@@ -76,6 +95,8 @@ class Variant:
 
 def make_variants(learning_rate: float = LEARNING_RATE) -> List[Variant]:
   """The compared variants. Append here to add one (same data, same seed)."""
+  softplus = {KERNEL_PATTERN: posconstr.Softplus()}
+  relu = {KERNEL_PATTERN: posconstr.ReLU()}
   return [
       Variant("adam", _common.MLP(), optax.adam(learning_rate)),
       # posconstr.chain is optax.chain that refuses, at init, a projection
@@ -87,6 +108,17 @@ def make_variants(learning_rate: float = LEARNING_RATE) -> List[Variant]:
       Variant("adam+softplus", _common.MLP(kernels="softplus"),
               optax.adam(learning_rate),
               rules={KERNEL_PATTERN: posconstr.Softplus()}),
+      # revive_dead wraps the optimizer of the latents, as projected does.
+      Variant("adam+softplus+revive", _common.MLP(kernels="softplus"),
+              posconstr.revive_dead(optax.adam(learning_rate), softplus,
+                                    patience=PATIENCE),
+              rules=softplus),
+      Variant("adam+relu", ReLUKernelMLP(), optax.adam(learning_rate),
+              rules=relu),
+      Variant("adam+relu+revive", ReLUKernelMLP(),
+              posconstr.revive_dead(optax.adam(learning_rate), relu,
+                                    patience=PATIENCE, probe=True),
+              rules=relu),
   ]
 
 
@@ -130,9 +162,9 @@ def train_variant(variant: Variant, data: Dict[str, jax.Array], steps: int,
   params = _common.init_params(variant.model, init_key, data["x_train"][:1])
   step = make_train_step(variant.model, variant.optimizer, data, data_key,
                          batch_size)
-  (params, _), losses, seconds = _common.run_steps(
+  (params, opt_state), losses, seconds = _common.run_steps(
       step, (params, variant.optimizer.init(params)), steps,
-      desc=f"{variant.name:>13}", show=progress)
+      desc=f"{variant.name:>20}", show=progress)
 
   accuracy, train_loss = _common.evaluate(variant.model, params, data)
   return {
@@ -140,6 +172,9 @@ def train_variant(variant: Variant, data: Dict[str, jax.Array], steps: int,
       "final_train_loss": float(train_loss),
       **_common.kernel_stats(params, KERNEL_PATTERN, variant.rules,
                              variant.projected, DEAD_TOL),
+      # Latents that revive_dead moved (None without it).
+      "revivals": (int(opt_state.revivals)
+                   if isinstance(opt_state, posconstr.ReviveState) else None),
       "losses": losses,
       "train_seconds": seconds,
       "params": params,
@@ -154,19 +189,25 @@ def summary_table(results: Dict[str, Dict[str, Any]]) -> str:
   for name, r in results.items():
     rows.append([name, f"{r['test_accuracy']:.4f}",
                  f"{r['final_train_loss']:.4f}", f"{r['min_kernel']:.3g}",
-                 _common.share_text(r), f"{r['train_seconds']:.1f}"])
+                 _common.share_text(r),
+                 "-" if r["revivals"] is None else str(r["revivals"]),
+                 f"{r['train_seconds']:.1f}"])
   return _common.markdown_table(
       ["variant", "test accuracy", "final train loss",
        "min applied kernel weight", "kernel weights on bound / dead",
-       "train s"], rows)
+       "latents revived", "train s"], rows)
 
 
 def save_figure(results: Dict[str, Dict[str, Any]], out_dir: str) -> str:
-  """Loss curves (left), then one applied-kernel histogram per variant."""
+  """Loss curves (left), then one applied-kernel histogram per variant, in
+  two rows."""
   n = len(results)
-  fig, axes = plt.subplots(1, n + 1, figsize=(3.9 * (n + 1), 3.3),
-                           constrained_layout=True)
-  ax = axes[0]
+  rows = 2 if n > 3 else 1
+  cols = -(-n // rows)  # ceil
+  fig = plt.figure(figsize=(3.9 * (cols + 1), 3.3 * rows),
+                   constrained_layout=True)
+  grid = fig.add_gridspec(rows, cols + 1)
+  ax = fig.add_subplot(grid[:, 0])
   for name, r in results.items():
     ax.plot(np.arange(1, len(r["losses"]) + 1), r["losses"], lw=1.5,
             label=name)
@@ -180,15 +221,17 @@ def save_figure(results: Dict[str, Dict[str, Any]], out_dir: str) -> str:
   lo = min(r["kernels"].min() for r in results.values())
   hi = max(r["kernels"].max() for r in results.values())
   bins = np.linspace(lo, max(hi, lo + 1e-6), 61)  # Shared, never empty.
-  for ax, (name, r) in zip(axes[1:], results.items()):
+  for i, (name, r) in enumerate(results.items()):
+    ax = fig.add_subplot(grid[i // cols, 1 + i % cols])
     ax.hist(r["kernels"], bins=bins, color="tab:gray")
     ax.axvline(0.0, color="tab:red", lw=1, ls="--")
     ax.set_yscale("log")
     ax.set_xlabel("applied kernel weight (both layers)")
+    if i % cols == 0:
+      ax.set_ylabel("count")
     ax.set_title(f"{name}: min {r['min_kernel']:.2g}, {_common.share_text(r)}",
-                 fontsize=10)
+                 fontsize=9)
     ax.grid(alpha=0.3)
-  axes[1].set_ylabel("count")
   return _common.save_figure(fig, out_dir, "quickstart.png")
 
 
@@ -212,7 +255,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   training set, after the last step), ``min_kernel`` (smallest applied
   kernel weight), ``bound_or_dead`` (share exactly 0 for the projection,
   share dead for the reparameterization, None for free weights) and its
-  ``kind``, ``losses`` (per step), ``kernels`` (applied, flattened),
+  ``kind``, ``revivals`` (latents ``revive_dead`` moved, None without it),
+  ``losses`` (per step), ``kernels`` (applied, flattened),
   ``train_seconds`` and the trained ``params`` (latents for a
   reparameterization).
   """
@@ -227,8 +271,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         progress=not args.no_progress)
   figure = save_figure(results, args.out)
   _common.report(summary_table(results), figure,
-                 f"dead: softplus'(latent) < {DEAD_TOL:g}; the applied "
-                 "weight still moves, but ~1000x slower than a live one.")
+                 f"dead: softplus'(latent) < {DEAD_TOL:g} (the applied "
+                 "weight still moves, but ~1000x slower than a live one), "
+                 "relu: latent <= 0 (no gradient at all). latents revived: "
+                 "moves by posconstr.revive_dead over the whole run "
+                 f"(patience {PATIENCE}), counted once per move.")
   return {"variants": results, "figure": figure}
 
 

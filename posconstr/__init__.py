@@ -23,26 +23,6 @@ import importlib
 import typing
 
 from posconstr import initializers
-from posconstr.sets._constraint import Constraint
-from posconstr.sets._intervals import Box
-from posconstr.sets._intervals import NonNegative
-from posconstr.sets._norms import MaxNorm
-from posconstr.sets._norms import MinMaxNorm
-from posconstr.sets._norms import UnitNorm
-from posconstr.sets._simplex import Simplex
-from posconstr.transforms._chain_order import chain
-from posconstr.transforms._chain_order import check_projection_last
-from posconstr.transforms._constrain import constrain
-from posconstr.transforms._projected import projected
-from posconstr.transforms._projected import ProjectedState
-from posconstr.transforms._projection import project
-from posconstr.transforms._projection import project_box
-from posconstr.transforms._projection import project_nonneg
-from posconstr.transforms._projection import project_params
-from posconstr.transforms._projection import ProjectionState
-from posconstr.transforms._report import constraint_report
-from posconstr.transforms._report import format_report
-from posconstr.transforms._report import LeafReport
 from posconstr.reparam._parameterizations import Abs
 from posconstr.reparam._parameterizations import Exp
 from posconstr.reparam._parameterizations import Parameterization
@@ -53,17 +33,42 @@ from posconstr.reparam._parameterizations import Square
 from posconstr.reparam._reparam import dead_fraction
 from posconstr.reparam._reparam import reparam
 from posconstr.reparam._reparam import unreparam
+from posconstr.reparam._revive import ReviveState
+from posconstr.reparam._revive import revive_dead
+from posconstr.sets._constraint import Constraint
+from posconstr.sets._intervals import Box
+from posconstr.sets._intervals import NonNegative
+from posconstr.sets._norms import MaxNorm
+from posconstr.sets._norms import MinMaxNorm
+from posconstr.sets._norms import UnitNorm
+from posconstr.sets._simplex import Simplex
 from posconstr.solvers._lbfgsb import LbfgsbResult
 from posconstr.solvers._lbfgsb import minimize
 from posconstr.solvers._lbfgsb_core import Memory as LbfgsbMemory
 from posconstr.solvers._lbfgsb_step import SolverState as LbfgsbSolverState
 from posconstr.solvers._lbfgsb_step import Status
-from posconstr.solvers._lbfgsb_transform import lbfgsb
 from posconstr.solvers._lbfgsb_transform import LbfgsbInfo
 from posconstr.solvers._lbfgsb_transform import LbfgsbState
+from posconstr.solvers._lbfgsb_transform import lbfgsb
+from posconstr.solvers._quadratic import QPResult
 from posconstr.solvers._quadratic import box_qp
 from posconstr.solvers._quadratic import nnls
-from posconstr.solvers._quadratic import QPResult
+from posconstr.transforms._chain_order import chain
+from posconstr.transforms._chain_order import check_projection_last
+from posconstr.transforms._constrain import constrain
+from posconstr.transforms._exponentiated_gradient import MultiplicativeState
+from posconstr.transforms._exponentiated_gradient import exponentiated_gradient
+from posconstr.transforms._exponentiated_gradient import multiplicative_update
+from posconstr.transforms._projected import ProjectedState
+from posconstr.transforms._projected import projected
+from posconstr.transforms._projection import ProjectionState
+from posconstr.transforms._projection import project
+from posconstr.transforms._projection import project_box
+from posconstr.transforms._projection import project_nonneg
+from posconstr.transforms._projection import project_params
+from posconstr.transforms._report import LeafReport
+from posconstr.transforms._report import constraint_report
+from posconstr.transforms._report import format_report
 
 if typing.TYPE_CHECKING:  # imported lazily at run time, see __getattr__
   from posconstr import equinox
@@ -92,12 +97,14 @@ __all__ = (
     "LeafReport",
     "MaxNorm",
     "MinMaxNorm",
+    "MultiplicativeState",
     "NonNegative",
     "Parameterization",
     "ProjectedState",
     "ProjectionState",
     "QPResult",
     "ReLU",
+    "ReviveState",
     "Sigmoid",
     "Simplex",
     "Softplus",
@@ -111,11 +118,13 @@ __all__ = (
     "constraint_report",
     "dead_fraction",
     "equinox",
+    "exponentiated_gradient",
     "format_report",
     "initializers",
     "lbfgsb",
     "linen",
     "minimize",
+    "multiplicative_update",
     "nnls",
     "nnx",
     "project",
@@ -124,6 +133,7 @@ __all__ = (
     "project_params",
     "projected",
     "reparam",
+    "revive_dead",
     "unreparam",
 )
 

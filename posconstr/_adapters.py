@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.core  # Explicit: `jax.core.Tracer` below.
 
 
 @functools.lru_cache(maxsize=64)

@@ -67,8 +67,8 @@ import jax
 
 from posconstr import _adapters
 from posconstr.reparam import _parameterizations
-from posconstr.tree import _paths
 from posconstr.reparam import _reparam
+from posconstr.tree import _paths
 
 __all__ = ("Reparameterized", "reparameterize", "unwrap")
 

@@ -1,9 +1,14 @@
-"""Flax linen layers whose weights are ``g(latent)``: ``Reparameterized``, ``NonNegDense``.
+"""Flax linen layers whose weights are ``g(latent)``, and ready-made networks.
 
 ``params`` hold the unconstrained latents; the wrapped module sees
 ``forward(latent)``. Initialization draws the *applied* weights and stores
 their latents through the parameterization's stable inverse, so the forward
 map is never applied twice (the trap of a bare ``nn.map_variables``).
+
+Ready-made networks: :class:`ICNN` (input-convex) and :class:`MonotoneMLP`
+(monotone in chosen inputs), whose sign constraints hold by a
+parameterization or, with ``positivity="project"``, by the projection their
+``projection()`` method gives the optimizer.
 
 **Paths.** A :class:`Reparameterized` adds no level of its own: inside it,
 the wrapped module's variables have the paths that module gives them when
@@ -32,23 +37,27 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from posconstr import _adapters
+from posconstr.layers._linen_icnn import ICNN
+from posconstr.layers._linen_monotone import MonotoneMLP
 from posconstr.reparam import _parameterizations
-from posconstr.tree import _paths
 from posconstr.reparam import _reparam
+from posconstr.tree import _paths
 
-__all__ = ("NonNegDense", "Reparameterized")
+__all__ = ("ICNN", "MonotoneMLP", "NonNegDense", "Reparameterized")
 
 Initializer = Callable[..., jax.Array]
 
 # The Reparameterized wrappers whose module is running: (scope path, rules).
-_ACTIVE = contextvars.ContextVar("posconstr_linen_active", default=())
+# (scope path, rules) of each Reparameterized being applied, outermost first.
+_ACTIVE: contextvars.ContextVar[Tuple[Tuple[Tuple[str, ...], Any], ...]] = (
+    contextvars.ContextVar("posconstr_linen_active", default=()))
 
 
 def _module_fields(module: nn.Module) -> dict:
@@ -61,6 +70,13 @@ def _module_fields(module: nn.Module) -> dict:
   module = module.clone(parent=None, _deep_clone=True, _reset_names=True)
   return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
           if f.init and f.name not in ("parent", "name")}
+
+
+def _scope_path(module: nn.Module) -> Tuple[str, ...]:
+  if module.scope is None:  # Flax binds every module it runs or initializes.
+    raise ValueError(f"{type(module).__name__} is not bound to a scope: call "
+                     "it through `init`/`apply`.")
+  return tuple(module.scope.path)
 
 
 def _check_once(scope_path: Sequence[str], paths: Sequence[str], what: str,
@@ -185,7 +201,7 @@ class Reparameterized(nn.Module):
     def planned(params):
       plan = _reparam.make_plan(params, rules, None, "Reparameterized")
       paths = _paths.leaves_with_paths(params)[0]
-      _check_once(self.scope.path,
+      _check_once(_scope_path(self),
                   [p for p, g in zip(paths, plan) if g is not None],
                   "an inner Reparameterized", own_rules=self._rules)
       return plan
@@ -218,7 +234,7 @@ class Reparameterized(nn.Module):
     self._rules = rules
 
   def __call__(self, *args, **kwargs):
-    token = _ACTIVE.set(_ACTIVE.get() + ((tuple(self.scope.path),
+    token = _ACTIVE.set(_ACTIVE.get() + ((tuple(_scope_path(self)),
                                           self._rules),))
     try:
       return self.wrapped(*args, **kwargs)
@@ -260,13 +276,13 @@ class NonNegDense(nn.Module):
     g = self.parameterization
     _reparam.check_parameterization_arg(g, "parameterization", "NonNegDense")
 
-    _check_once(self.scope.path, ["kernel"], "a NonNegDense")
+    _check_once(_scope_path(self), ["kernel"], "a NonNegDense")
 
     def latent_init(key, shape, dtype):
       return _adapters.latent_of(g, self.kernel_init(key, shape, dtype))
 
-    latent = self.param("kernel", latent_init, (jnp.shape(x)[-1], self.features),
-                        self.param_dtype)
+    shape = (jnp.shape(x)[-1], self.features)
+    latent = self.param("kernel", latent_init, shape, self.param_dtype)
     kernel = _adapters.forward(g, latent)
     dtype = self.dtype or jnp.result_type(x, kernel)
     y = jnp.dot(x.astype(dtype), kernel.astype(dtype))

@@ -6,6 +6,10 @@ The latents are what ``nnx.state``, ``nnx.split``/``nnx.merge``,
 Params (unlike ``nnx.WeightNorm``, whose write-back is only right for
 idempotent maps).
 
+Ready-made networks: :class:`ICNN` and :class:`MonotoneMLP`, the twins of
+:class:`posconstr.linen.ICNN` and :class:`posconstr.linen.MonotoneMLP`
+(same param paths and outputs).
+
 **Paths.** :func:`reparameterize` returns a :class:`Reparameterized` that
 holds the model in its attribute ``module``, so the model's state, the
 optimizer (``nnx.Optimizer``, :func:`posconstr.constrain` rules) and
@@ -35,14 +39,19 @@ import jax
 import jax.numpy as jnp
 from flax import errors as _flax_errors
 from flax import nnx as _nnx
+from flax.nnx.nn import dtypes as _nnx_dtypes
 
 from posconstr import _adapters
+from posconstr.layers import _nnx_signed
+from posconstr.layers._nnx_icnn import ICNN
+from posconstr.layers._nnx_monotone import MonotoneMLP
 from posconstr.reparam import _parameterizations
-from posconstr.tree import _paths
 from posconstr.reparam import _reparam
+from posconstr.tree import _paths
 from posconstr.tree import _selection
 
-__all__ = ("NonNegLinear", "Reparameterized", "reparameterize")
+__all__ = ("ICNN", "MonotoneMLP", "NonNegLinear", "Reparameterized",
+           "reparameterize")
 
 Rules = Union[_parameterizations.Parameterization, Mapping[Any, Any]]
 _OWNER = "posconstr.nnx.reparameterize"
@@ -64,7 +73,7 @@ class _StaticRules:
 
 
 def _resolved(rules, lookup):
-  """NNX-filter keys as ``PathFilter``s over ``{path: (key tuple, Variable)}``."""
+  """NNX-filter keys as ``PathFilter``s over ``{path: (key, Variable)}``."""
   if not isinstance(rules, Mapping):
     return rules
   out = {}
@@ -197,6 +206,9 @@ def _latent_params(module: _nnx.Module) -> dict:
     elif isinstance(node, NonNegLinear):
       found[_join(prefix, "kernel")] = (
           f"a posconstr.nnx.NonNegLinear at `{prefix or 'module'}`")
+    elif isinstance(node, _nnx_signed.SignedLinear) and node.holds_latent:
+      found[_join(prefix, "kernel")] = (
+          f"a layer of posconstr.nnx.ICNN/MonotoneMLP at `{prefix}`")
   return found
 
 
@@ -300,7 +312,7 @@ class NonNegLinear(_nnx.Module):
                dtype: Any = None, param_dtype: Any = jnp.float32,
                precision: Any = None,
                dot_general: Callable = jax.lax.dot_general,
-               promote_dtype: Callable = _nnx.nn.dtypes.promote_dtype,
+               promote_dtype: Callable = _nnx_dtypes.promote_dtype,
                preferred_element_type: Any = None,
                kernel_metadata: Mapping[str, Any] = types.MappingProxyType({}),
                bias_metadata: Mapping[str, Any] = types.MappingProxyType({})):

@@ -1,12 +1,13 @@
-"""The benchmark suite entry point (``python -m benchmarks``), end to end.
+"""The benchmark suite (``python -m benchmarks``) and its committed summaries.
 
-The suite runs in a subprocess, as a user runs it, with small problems so
-that it takes seconds; its JSON goes to ``tmp_path`` and Python writes no
-bytecode, so nothing is written into the repository. Speed itself is not
-tested here (that is what the benchmarks are for); only that every script
-ran, measured something and reported it.
+Speed itself is not tested here (that is what the benchmarks are for): only
+that every script ran, measured something, reported it, wrote its raw JSON
+outside the checkout, and that the committed summaries are what ``--summary``
+writes. The suite runs in a subprocess as a user runs it, with small
+problems, its results in ``tmp_path`` and no bytecode written.
 """
 
+import importlib
 import json
 import math
 import os
@@ -15,12 +16,14 @@ import subprocess
 import sys
 
 import jax
-import jaxlib
+import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_ALL = os.path.join(REPO, "benchmarks", "run_all.py")
-SCRIPTS = ("projection_overhead", "reparam_overhead", "lbfgsb", "nnls_batch")
+from benchmarks import _floors
+from benchmarks import _timing
+from benchmarks import run_all
+
+REPO = _timing.REPO
 # --quick, made smaller still (each variant costs a compile of its own): one
 # small size / batch / problem each, few variants and rounds.
 SMALL = ("projection_overhead=--sizes 0.05M --repeats 4 --min-repeats 3 "
@@ -33,37 +36,27 @@ MARKDOWN_SEPARATOR = re.compile(r"^\|(:?-+:?\|)+$", re.MULTILINE)
 
 
 def run_suite(tmp_path, *args):
-  env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-  proc = subprocess.run([sys.executable, RUN_ALL, *args], cwd=tmp_path,
-                        env=env, capture_output=True, text=True, timeout=600)
-  return proc
+  env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=REPO,
+             POSCONSTR_BENCH_DIR=str(tmp_path / "bench"))
+  return subprocess.run([sys.executable, "-m", "benchmarks", *args],
+                        cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=600)
 
 
-def numbers_under(tree, wanted):
-  """Every value (list items included) under a key for which ``wanted``."""
+def numbers_under(tree, keys):
+  """Every number (list items and paired-ratio medians included) under
+  ``keys`` anywhere in ``tree``."""
+  if isinstance(tree, list):
+    return [n for item in tree for n in numbers_under(item, keys)]
+  if not isinstance(tree, dict):
+    return []
   found = []
-  if isinstance(tree, dict):
-    for key, value in tree.items():
-      if wanted(key):
-        if isinstance(value, list):
-          found.extend(value)
-        elif isinstance(value, dict):
-          found.append(value.get("median"))
-        else:
-          found.append(value)
-      found.extend(numbers_under(value, wanted))
-  elif isinstance(tree, list):
-    for item in tree:
-      found.extend(numbers_under(item, wanted))
+  for key, value in tree.items():
+    if key in keys:
+      found += (value if isinstance(value, list) else
+                [value.get("median")] if isinstance(value, dict) else [value])
+    found += numbers_under(value, keys)
   return found
-
-
-def is_time(key):
-  return key in ("median_s", "q1_s", "q3_s", "min_s", "times_s")
-
-
-def is_ratio(key):
-  return "ratio" in key or key == "vs_baseline"
 
 
 def assert_finite_positive(values, what):
@@ -74,47 +67,60 @@ def assert_finite_positive(values, what):
   assert not bad, f"{what}: not finite and positive: {bad[:5]}"
 
 
+def _results_dir_state():
+  return {f: os.path.getmtime(os.path.join(_timing.SUMMARY_DIR, f))
+          for f in os.listdir(_timing.SUMMARY_DIR)}
+
+
 @pytest.mark.slow  # About 30 s: four scripts, each compiling its variants.
-def test_quick_suite_writes_json_and_prints_tables(tmp_path):
-  out = tmp_path / "all.json"
+def test_quick_suite_reports_and_writes_outside_the_checkout(tmp_path):
+  committed = _results_dir_state()
   script_args = [a for s in SMALL for a in ("--script-args", s)]
-  proc = run_suite(tmp_path, "--quick", "--out", str(out), *script_args)
+  proc = run_suite(tmp_path, "--quick", *script_args)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  payload = json.loads(out.read_text())
+  assert _results_dir_state() == committed  # --quick never touches them.
+  bench = tmp_path / "bench"
+  assert sorted(os.listdir(bench)) == sorted(
+      f"{n}.quick.json" for n in ("all", *run_all.SCRIPTS))
+  payload = json.loads((bench / "all.quick.json").read_text())
 
   machine = payload["machine"]
   assert machine["jax_backend"] == jax.default_backend()
   assert machine["device_kind"] == jax.devices()[0].device_kind
-  assert machine["jax_version"] == jax.__version__
-  assert machine["jaxlib_version"] == jaxlib.__version__
-  assert machine["cpu_count"] == os.cpu_count()
-  assert machine["processor"]
+  assert machine["versions"]["jax"] == jax.__version__
   for key in ("loadavg_start", "loadavg_end"):
     assert len(machine[key]) == 3 and all(v >= 0 for v in machine[key])
-
   assert payload["failed"] == []
-  assert list(payload["scripts"]) == list(SCRIPTS)
+  assert list(payload["scripts"]) == list(run_all.SCRIPTS)
   for name, record in payload["scripts"].items():
     assert record["status"] == "ok" and record["error"] is None, name
-    assert record["returncode"] == 0 and record["wall_s"] > 0, name
     assert "--quick" in record["argv"], name
     result = record["result"]
     assert result["benchmark"] == name
+    assert result["machine"]["versions"]["jax"] == jax.__version__
     assert len(result["results"]) == 1, name  # One size / batch / problem.
-    assert_finite_positive(numbers_under(result["results"], is_time),
-                           f"{name} times")
-    assert_finite_positive(numbers_under(result["results"], is_ratio),
-                           f"{name} ratios")
+    assert_finite_positive(
+        numbers_under(result["results"], {"median_s", "min_s", "times_s"}),
+        f"{name} times")
+    assert_finite_positive(
+        numbers_under(result["results"], {"paired_ratio", "vs_baseline",
+                                          "ratio_of_medians"}),
+        f"{name} ratios")
+    # What --summary would write keeps no samples.
+    summary = _timing.summary(result, importlib.import_module(
+        f"benchmarks.{name}").SUMMARY_KEYS)
+    assert numbers_under(summary, {"median_s"}), name
+    assert "times_s" not in json.dumps(summary), name
 
-  # Each script's section of the output holds at least one markdown table,
-  # and the summary table lists every script as ok.
+  # Each script's section of the output holds a markdown table, and the
+  # summary table lists every script as ok.
   sections = dict(s.split("\n", 1) for s in proc.stdout.split("\n## ")[1:])
-  for name in SCRIPTS:
+  for name in run_all.SCRIPTS:
     body = next(b for h, b in sections.items() if h.startswith(name))
     assert MARKDOWN_SEPARATOR.search(body), f"no table printed by {name}"
-  summary = sections["Summary"]
-  for name in SCRIPTS:
-    assert re.search(rf"^\| {name} +\| ok ", summary, re.MULTILINE), summary
+  for name in run_all.SCRIPTS:
+    assert re.search(rf"^\| {name} +\| ok ", sections["Summary"],
+                     re.MULTILINE), sections["Summary"]
 
 
 @pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
@@ -131,36 +137,67 @@ def test_failing_script_is_recorded_and_others_still_run(tmp_path):
   assert payload["failed"] == ["projection_overhead"]
   failed = payload["scripts"]["projection_overhead"]
   assert failed["status"] == "failed" and failed["returncode"] == 2
-  assert "no_such_variant" in failed["error"]
+  assert "no_such_variant" in failed["error"] and failed["result"] is None
   ran = payload["scripts"]["reparam_overhead"]
   assert ran["status"] == "ok"
   assert list(ran["result"]["results"][0]["variants"]) == ["dense",
                                                           "posconstr Exp"]
+  assert (tmp_path / "reparam_overhead.json").exists()  # Next to --out.
 
 
 @pytest.mark.parametrize("args, message", [
     (["--only", "projection_overhead,nope"], "--only: unknown ['nope']"),
     (["--script-args", "nope=--quick"], "--script-args: 'nope=--quick'"),
+    (["--quick", "--summary"], "--summary with --quick"),
 ])
-def test_bad_arguments_are_usage_errors(tmp_path, args, message):
-  proc = run_suite(tmp_path, "--out", str(tmp_path / "x.json"), *args)
-  assert proc.returncode == 2
-  assert message in proc.stderr
-  assert not (tmp_path / "x.json").exists()
+def test_bad_arguments_are_usage_errors(tmp_path, capsys, args, message):
+  with pytest.raises(SystemExit) as exit_:
+    run_all.main(["--out", str(tmp_path / "x.json"), *args])
+  assert exit_.value.code == 2
+  assert message in capsys.readouterr().err
+  assert not os.listdir(tmp_path)
+
+
+def test_a_script_refuses_to_write_the_summary_from_a_quick_run(capsys):
+  reparam_overhead = importlib.import_module("benchmarks.reparam_overhead")
+  with pytest.raises(SystemExit) as exit_:
+    reparam_overhead.main(["--quick", "--summary"])
+  assert exit_.value.code == 2
+  assert "--summary with --quick" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", run_all.SCRIPTS)
+def test_committed_summary_is_what_summary_writes(name):
+  """Its keys are the script's SUMMARY_KEYS (a renderer of the README may
+  only use those), no samples, a few KB."""
+  path = _timing.summary_path(name)
+  with open(path) as f:
+    committed = json.load(f)
+  keys = importlib.import_module(f"benchmarks.{name}").SUMMARY_KEYS
+  # As JSON: NaN (iterations of scipy's nnls) is not equal to itself.
+  assert json.dumps(_timing.summary(committed, keys)) == json.dumps(committed)
+  assert committed["machine"]["versions"]["jax"]
+  assert os.path.getsize(path) < 16_000
+
+
+def test_raw_results_go_outside_the_checkout(monkeypatch):
+  monkeypatch.delenv("POSCONSTR_BENCH_DIR", raising=False)
+  for quick in (False, True):
+    path = _timing.raw_path("lbfgsb", quick)
+    assert not os.path.abspath(path).startswith(REPO + os.sep), path
+  monkeypatch.setenv("POSCONSTR_BENCH_DIR", "/somewhere")
+  assert _timing.raw_path("lbfgsb", True) == "/somewhere/lbfgsb.quick.json"
 
 
 def test_cg_oracle_counts_evaluations():
   """CG on orthonormal free columns is exact after one step (2 evaluations);
   on Gaussian ones it needs at most ``|F| + 1`` (finite termination)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, REPO)
-  from benchmarks import _krylov_floor  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   q, _ = np.linalg.qr(rng.normal(size=(40, 12)))
   x_star = np.where(np.arange(12) % 3 == 0, 0.0, 1.0)  # 8 free columns
   b = rng.normal(size=40)
-  out = _krylov_floor.cg_oracle_evaluations(q, b, x_star, tol=1e-12)
+  out = _floors.cg_oracle_evaluations(q, b, x_star, tol=1e-12)
   assert out == {"cg_evals": 2, "free": 8, "converged": True}
   a = rng.normal(size=(40, 12))
-  out = _krylov_floor.cg_oracle_evaluations(a, b, x_star, tol=1e-10)
+  out = _floors.cg_oracle_evaluations(a, b, x_star, tol=1e-10)
   assert out["converged"] and 3 <= out["cg_evals"] <= 9

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+import _models
 import posconstr as pc
 from _reference import lbfgsb_line_search_step
 
@@ -36,8 +37,7 @@ def _params(seed):
           "b": 0.1 * jax.random.normal(k2, (3,))}
 
 
-def _loss(p):
-  return jnp.mean((X @ p["w"] + p["b"] - Y) ** 2)
+_loss = _models.regression_loss(X, Y)
 
 
 TRANSFORMS = {

@@ -16,6 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
+import _models
 import posconstr as pc
 from _reference import lbfgsb_line_search_step
 
@@ -38,8 +39,7 @@ def _params():
   return {"w": jnp.full((4, 3), 0.3, jnp.float32), "b": jnp.zeros(3)}
 
 
-def _loss(p):
-  return jnp.mean((X @ p["w"] + p["b"] - Y) ** 2)
+_loss = _models.regression_loss(X, Y)
 
 
 TRANSFORMS = {

@@ -58,7 +58,8 @@ def test_quickstart_smoke(tmp_path, capsys):
   _assert_figure_saved(results, tmp_path, "quickstart.png")
 
   variants = results["variants"]
-  names = ("adam", "adam+project", "adam+softplus")
+  names = ("adam", "adam+project", "adam+softplus", "adam+softplus+revive",
+           "adam+relu", "adam+relu+revive")
   assert set(variants) == set(names)
   rows = _table_rows(capsys.readouterr().out, names)
   for name, metrics in variants.items():
@@ -84,6 +85,17 @@ def test_quickstart_smoke(tmp_path, capsys):
   # The reference is free: it has negative weights and no bound share.
   assert variants["adam"]["min_kernel"] < 0.0
   assert variants["adam"]["bound_or_dead"] is None
+  # revive_dead counts its moves (none within 5 steps: patience 100); ReLU
+  # latents: relu(latent) >= 0, dead where the latent is <= 0.
+  for name, metrics in variants.items():
+    revives = name.endswith("+revive")
+    assert (metrics["revivals"] == 0) if revives else (
+        metrics["revivals"] is None), name
+  relu = variants["adam+relu"]
+  latents = np.concatenate([np.ravel(relu["params"][layer]["kernel"])
+                            for layer in ("hidden", "logits")])
+  assert np.all(relu["kernels"] >= 0.0)
+  assert relu["bound_or_dead"] == pytest.approx(np.mean(latents <= 0.0))
 
 
 def test_lbfgs_network_smoke(tmp_path, capsys):
@@ -157,7 +169,7 @@ def test_icnn_smoke(tmp_path):
   _assert_figure_saved(results, tmp_path, "icnn.png")
 
   runs = results["runs"]
-  assert {r["method"] for r in runs.values()} == {"he+clip", "icnn+proj",
+  assert {r["method"] for r in runs.values()} == {"he+proj", "icnn+proj",
                                                   "exp"}
   for r in runs.values():
     assert r["depth"] == 3 and len(r["losses"]) == 5
@@ -180,12 +192,12 @@ def test_monotone_smoke(tmp_path):
   _assert_figure_saved(results, tmp_path, "monotone.png")
 
   variants = results["variants"]
-  assert set(variants) == {"mlp", "monotone-softplus", "monotone-proj"}
+  assert set(variants) == {"mlp", "monotone-abs", "monotone-proj"}
   for metrics in variants.values():
     assert np.isfinite(metrics["test_rmse"])
     assert len(metrics["train_losses"]) == 10
     assert metrics["grads_test"].shape[1] == 2  # bmi, bp
-  for name in ("monotone-softplus", "monotone-proj"):
+  for name in ("monotone-abs", "monotone-proj"):
     metrics = variants[name]
     assert metrics["constrained"]
     # Non-decreasing in bmi and bp at every test point and on the ICE grids.
@@ -196,7 +208,7 @@ def test_monotone_smoke(tmp_path):
     for grid, curves in metrics["ice"].values():
       assert np.all(np.diff(grid) > 0)
       assert np.all(np.diff(curves, axis=1) >= -1e-4 * np.abs(curves).max())
-  assert variants["monotone-softplus"]["min_mono_kernel"] > 0.0
+  assert variants["monotone-abs"]["min_mono_kernel"] > 0.0  # |W|
   assert variants["mlp"]["min_mono_kernel"] < 0.0  # Free weights.
 
 

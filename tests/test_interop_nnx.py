@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+import _models
 import posconstr
 from posconstr.tree import _paths
 
@@ -20,14 +21,7 @@ def softplus(z):
   return np.logaddexp(0.0, np.asarray(z, np.float64))
 
 
-class MLP(nnx.Module):
-
-  def __init__(self, rngs):
-    self.l1 = nnx.Linear(3, 8, rngs=rngs)
-    self.l2 = nnx.Linear(8, 2, rngs=rngs)
-
-  def __call__(self, x):
-    return self.l2(nnx.relu(self.l1(x)))
+MLP = _models.NnxMLP
 
 
 class PositiveParam(nnx.Param):

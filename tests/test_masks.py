@@ -7,13 +7,13 @@ the very same update object.
 
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+import _models
 import posconstr
 
 
@@ -237,12 +237,7 @@ def test_constrain_none_rule_leaves_matches_unconstrained():
   assert out["step"] is updates["step"]
 
 
-class _MLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    hidden = nn.relu(nn.Dense(4)(x))  # Dense_0
-    return nn.Dense(4)(hidden)  # Dense_1
+_MLP = _models.TwoDense
 
 
 def test_constrain_kernel_nonneg_and_bias_box_on_linen_params():

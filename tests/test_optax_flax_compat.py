@@ -6,7 +6,6 @@ multiplication by its reciprocal), so two *different* jitted programs that
 both contain Adam may round differently even without any projection.
 """
 
-import flax.linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -14,21 +13,17 @@ import numpy as np
 import optax
 import pytest
 
+import _models
 import posconstr
 from posconstr.tree import _paths
 
 
 def _params():
-  rng = np.random.default_rng(0)
-  f32 = lambda *s: jnp.asarray(rng.normal(size=s) * 0.1, jnp.float32)
-  return {"Dense_0": {"kernel": f32(4, 4), "bias": f32(4)},
-          "Dense_1": {"kernel": f32(4, 4), "bias": f32(4)}}
+  return _models.two_dense_params(scale=0.1)
 
 
 def _grads(step, params):
-  rng = np.random.default_rng(500 + step)
-  return jax.tree.map(
-      lambda x: jnp.asarray(0.5 + rng.normal(size=x.shape), x.dtype), params)
+  return _models.pushing_grads(step, params, seed=500)
 
 
 def _leaves_equal(a, b):
@@ -176,12 +171,7 @@ def test_jitted_projection_is_bit_identical_to_jitted_maximum():
 # --------------------------------------------------------------- flax linen
 
 
-class _MLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    hidden = nn.relu(nn.Dense(4)(x))  # Dense_0
-    return nn.Dense(4)(hidden)  # Dense_1
+_MLP = _models.TwoDense
 
 
 def test_linen_variables_with_the_params_collection():

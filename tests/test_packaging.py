@@ -123,7 +123,8 @@ def test_py_typed_is_shipped():
 
 # The layer folders hold the implementation; their names are re-exported by
 # ``posconstr`` itself, so the folders are not API of their own.
-_IMPLEMENTATION_FOLDERS = ("sets", "tree", "transforms", "reparam", "solvers")
+_IMPLEMENTATION_FOLDERS = ("sets", "tree", "transforms", "reparam", "solvers",
+                           "layers")
 
 
 def _defined_here(module: types.ModuleType, name: str) -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+import _models
 import posconstr
 
 
@@ -28,11 +29,7 @@ def _mlp_params(scale=1.0, key=0):
   }
 
 
-def _grads(step, params):
-  """Mostly positive gradients: gradient descent pushes weights negative."""
-  rng = np.random.default_rng(1000 + step)
-  return jax.tree.map(
-      lambda x: jnp.asarray(0.5 + rng.normal(size=x.shape), x.dtype), params)
+_grads = _models.pushing_grads
 
 
 def _assert_trees_bit_equal(a, b, msg=""):
@@ -371,3 +368,18 @@ def test_non_constraint_passed_to_project():
     posconstr.project("nonneg")
   with pytest.raises(TypeError, match=r"must be a constraint set"):
     posconstr.project(posconstr.NonNegative)  # the class, not an instance
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_bound_finer_than_the_grid_lands_on_the_nearest_reachable_value(dtype):
+  """From p = 1 no update reaches 1e-8: every p + d below 1 is a multiple of
+  the spacing just below 1 (``finfo.epsneg``); the smallest multiple >= eps
+  is where the documented landing puts it (5.96e-8 in float32)."""
+  eps = 1e-8
+  p = {"w": jnp.ones(1, dtype)}
+  tx = optax.chain(optax.sgd(1.0), posconstr.project_nonneg(eps))
+  u, _ = tx.update({"w": jnp.full(1, 5.0, dtype)}, tx.init(p), p)
+  landed = float(optax.apply_updates(p, u)["w"][0])
+  spacing = float(jnp.finfo(dtype).epsneg)
+  assert landed == np.ceil(eps / spacing) * spacing
+  assert landed >= eps

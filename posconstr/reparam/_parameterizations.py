@@ -29,11 +29,11 @@ from typing import Any
 import jax.numpy as jnp
 
 from posconstr.reparam import _activations
-from posconstr.sets import _constraint as base
-from posconstr.sets import _intervals
 from posconstr.reparam._parameterization_base import Parameterization
 from posconstr.reparam._parameterization_base import check_tol  # noqa: F401
 from posconstr.reparam._parameterization_base import tiny as _tiny
+from posconstr.sets import _constraint as base
+from posconstr.sets import _intervals
 
 
 def _check_eps(eps, owner):

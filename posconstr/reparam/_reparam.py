@@ -8,8 +8,8 @@ from typing import Any, Dict, Mapping, Union
 import jax
 import jax.numpy as jnp
 
-from posconstr.sets import _constraint
 from posconstr.reparam import _parameterizations
+from posconstr.sets import _constraint
 from posconstr.tree import _paths
 from posconstr.tree import _selection
 

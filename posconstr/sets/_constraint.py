@@ -8,6 +8,7 @@ import numbers
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import jax
+import jax.core  # Explicit: `jax.core.Tracer` below.
 import jax.numpy as jnp
 import numpy as np
 
@@ -342,6 +343,21 @@ def _flush_inwards(narrow, dtype, round_up: bool, xp):
   return xp.where(sub, xp.asarray(inward, dtype=narrow.dtype), narrow)
 
 
+def cast_bound_numpy(bound, dtype, *, round_up: bool) -> np.ndarray:
+  """:func:`cast_bound` of a concrete bound, in NumPy (no JAX array).
+
+  Rounds from float64: ``jnp.asarray`` would first round a float64 bound to
+  the nearest float32 when x64 is disabled, possibly outwards.
+  """
+  wide = np.asarray(bound, dtype=np.float64)
+  narrow = wide.astype(dtype)
+  back = narrow.astype(np.float64)
+  wrong = back < wide if round_up else back > wide
+  step = np.asarray(np.inf if round_up else -np.inf, dtype=narrow.dtype)
+  narrow = np.where(wrong, np.nextafter(narrow, step), narrow)
+  return _flush_inwards(narrow, dtype, round_up, np)
+
+
 def cast_bound(bound, dtype, *, round_up: bool) -> jax.Array:
   """Casts a bound to ``dtype``, rounding towards the inside of the set.
 
@@ -352,15 +368,7 @@ def cast_bound(bound, dtype, *, round_up: bool) -> jax.Array:
   derivative of the identity.
   """
   if is_concrete(bound) and not isinstance(bound, jax.Array):
-    # Round from float64 in NumPy: jnp.asarray would first round a float64
-    # bound to the nearest float32 when x64 is disabled, possibly outwards.
-    wide = np.asarray(bound, dtype=np.float64)
-    narrow = wide.astype(dtype)
-    back = narrow.astype(np.float64)
-    wrong = back < wide if round_up else back > wide
-    step = np.asarray(np.inf if round_up else -np.inf, dtype=narrow.dtype)
-    narrow = np.where(wrong, np.nextafter(narrow, step), narrow)
-    return jnp.asarray(_flush_inwards(narrow, dtype, round_up, np))
+    return jnp.asarray(cast_bound_numpy(bound, dtype, round_up=round_up))
   wide = jnp.asarray(bound)
   if not jnp.issubdtype(wide.dtype, jnp.floating):
     wide = wide.astype(jnp.promote_types(dtype, jnp.float32))

@@ -9,8 +9,10 @@ from typing import Any, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from posconstr.sets import _constraint as base
+from posconstr.sets import _landing
 
 
 def _as_bound(name: str, value, owner: str):
@@ -68,7 +70,20 @@ class _Interval(base.Constraint):
     return lo, hi
 
   def _bounds(self, dtype):
-    """``bounds_in``, NaN where traced bounds are invalid (lower > upper)."""
+    """``bounds_in``, NaN where traced bounds are invalid (lower > upper).
+
+    Concrete bounds come as NumPy values, computed once per dtype: scalars
+    are literals in a traced program rather than one constant per leaf.
+    """
+    if base.is_concrete(self.lower) and base.is_concrete(self.upper):
+      cache: dict = vars(self).setdefault("_numpy_bounds", {})
+      key = np.dtype(dtype)
+      if key not in cache:
+        cache[key] = tuple(
+            None if b is None else _scalar_or_array(base.cast_bound_numpy(
+                b, key, round_up=up))
+            for b, up in ((self.lower, True), (self.upper, False)))
+      return cache[key]
     lo, hi = self.bounds_in(dtype)
     if lo is None or hi is None or (base.is_concrete(lo)
                                     and base.is_concrete(hi)):
@@ -95,7 +110,8 @@ class _Interval(base.Constraint):
             f"parameter `{path}` of shape {shape}.")
     if self.lower is None or self.upper is None:
       return
-    lo, hi = self.bounds_in(dtype)
+    lo, hi = self._bounds(dtype) if base.is_concrete(self.lower) and (
+        base.is_concrete(self.upper)) else self.bounds_in(dtype)
     if base.is_concrete(lo) and base.is_concrete(hi):
       if np.any(np.asarray(lo) > np.asarray(hi)):  # numpy: no tracing
         raise ValueError(
@@ -103,36 +119,50 @@ class _Interval(base.Constraint):
             f"and `upper` (parameter `{path}`); widen the box or use a wider "
             "dtype.")
 
+  def _check_broadcast(self, shape):
+    for bound in (self.lower, self.upper):
+      try:
+        ok = np.broadcast_shapes(np.shape(bound), shape) == tuple(shape)
+      except ValueError:
+        ok = False
+      if not ok:
+        raise ValueError(
+            f"{self!r}: bounds of shapes {np.shape(self.lower)}, "
+            f"{np.shape(self.upper)} do not broadcast to {tuple(shape)}.")
+
   def project(self, x):
     x = self._input(x, "project")
-    lo, hi = self._bounds(x.dtype)
-    y = x
-    if lo is not None:
-      y = jnp.maximum(y, lo)
-    if hi is not None:
-      y = jnp.minimum(y, hi)
-    if y.shape != x.shape:
-      raise ValueError(f"{self!r}: bounds of shapes {np.shape(self.lower)}, "
-                       f"{np.shape(self.upper)} do not broadcast to {x.shape}.")
-    return y
+    self._check_broadcast(x.shape)
+    return _landing.clip(x, *self._bounds(x.dtype))
+
+  def landing_update(self, param, update):
+    param = self._input(param, "landing_update", "param")
+    update = jnp.asarray(update)
+    self._check_broadcast(param.shape)
+    return _landing.interval_landing(param, update, *self._bounds(param.dtype))
 
   def _masks(self, x):
+    """``(x <= lower, x >= upper)``, None for an unbounded side."""
     lo, hi = self._bounds(x.dtype)
-    none = jnp.zeros(x.shape, bool)
-    at_lower = none if lo is None else x <= lo
-    at_upper = none if hi is None else x >= hi
+    at_lower = None if lo is None else _landing.compare(lax.le, x, lo)
+    at_upper = None if hi is None else _landing.compare(lax.ge, x, hi)
     return at_lower, at_upper
 
   def active(self, x):
     x = self._input(x, "active")
-    at_lower, at_upper = self._masks(x)
-    return at_lower | at_upper
+    return _either(x.shape, *self._masks(x))
 
   def pushing_out(self, x, grad):
     x = self._input(x, "pushing_out")
     grad = self._input(grad, "pushing_out", "grad")
     at_lower, at_upper = self._masks(x)
-    return (at_lower & (grad > 0)) | (at_upper & (grad < 0))
+    zero = np.zeros((), grad.dtype)[()]
+    if at_lower is not None:
+      at_lower = at_lower & _landing.compare(lax.gt, grad, zero)
+    if at_upper is not None:
+      at_upper = at_upper & _landing.compare(lax.lt, grad, zero)
+    return _either(jnp.broadcast_shapes(x.shape, grad.shape), at_lower,
+                   at_upper)
 
   def violation(self, x):
     """The largest distance of a coordinate to the interval; ``inf`` at an
@@ -156,6 +186,21 @@ class _Interval(base.Constraint):
       excess = jnp.maximum(excess, jnp.where(
           xs > hi, jnp.maximum(gap, tiny), jnp.minimum(gap, 0)))
     return base.max_or_zero(jnp.where(jnp.isinf(xs), jnp.inf, excess))
+
+
+def _scalar_or_array(bound: np.ndarray):
+  """A 0-d bound as a NumPy scalar (a literal when traced); arrays as they
+  are."""
+  return bound[()] if bound.ndim == 0 else bound
+
+
+def _either(shape, a, b):
+  """``a | b`` for masks that may be None (no bound on that side)."""
+  if a is None and b is None:
+    return jnp.zeros(shape, bool)
+  masks = [m for m in (a, b) if m is not None]
+  out = masks[0] if len(masks) == 1 else masks[0] | masks[1]
+  return jnp.broadcast_to(out, shape)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)

@@ -15,9 +15,11 @@ tolerance (2 n eps). So each coordinate is rounded with the norm in mind:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from posconstr.sets import _constraint as base
+from posconstr.sets import _landing
 
 
 def _landed(param, delta):
@@ -48,9 +50,11 @@ def _next_landing(param, delta, landed, direction):
   0) ``p + d`` is exact and its grid is ``delta``'s: move ``delta`` one ulp.
   For a small one, ``nextafter(landed) - p`` is exact, so it lands exactly.
   """
-  towards = (direction * jnp.inf).astype(delta.dtype)
-  by_delta = base.nextafter(delta, towards)
-  neighbour = base.nextafter(landed, towards.astype(landed.dtype))
+  up = direction > 0  # (direction 0: where the caller keeps no step.)
+  by_delta = _landing.straight_through(
+      delta, _landing.ulp_step(jax.lax.stop_gradient(delta), up))
+  neighbour = _landing.straight_through(
+      landed, _landing.ulp_step(jax.lax.stop_gradient(landed), up))
   by_landing = (neighbour - param).astype(delta.dtype)
   return jnp.where(jnp.abs(delta) >= jnp.abs(landed), by_delta, by_landing)
 

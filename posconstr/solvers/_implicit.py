@@ -1,4 +1,4 @@
-r"""Derivatives of a bound-constrained minimizer by the implicit function theorem.
+r"""Derivatives of a bound-constrained minimizer (implicit function theorem).
 
 For :math:`x^\star(\theta) = \arg\min_{l \le x \le u} f(x, \theta)` the
 optimality condition is the fixed point :math:`x = P(x - \nabla_x f(x,
@@ -32,7 +32,7 @@ direction), conjugate gradients stop at the last finite iterate.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp

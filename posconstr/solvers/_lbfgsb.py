@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posconstr.tree import _bound_trees
 from posconstr.sets import _constraint
 from posconstr.solvers import _dtype_groups as groups
 from posconstr.solvers import _implicit as implicit
 from posconstr.solvers import _lbfgsb_core as core
 from posconstr.solvers import _lbfgsb_step as step_lib
+from posconstr.tree import _bound_trees
 from posconstr.tree import _paths
 
 
@@ -46,7 +46,8 @@ def check_options(owner: str, *, ints=(), reals=(), nonnegative=True) -> None:
             and jnp.issubdtype(value.dtype, jnp.number))):
       raise TypeError(f"{owner}: `{name}` must be a real number, got "
                       f"{value!r} of type {type(value).__name__}.")
-    if nonnegative and _constraint.is_concrete(value) and not value >= 0:
+    if (nonnegative and _constraint.is_concrete(value)
+        and not float(value) >= 0):  # NaN fails too.
       raise ValueError(f"{owner}: `{name}` must be >= 0, got {value!r}.")
 
 
@@ -257,12 +258,12 @@ def minimize(fun: Callable[..., jax.Array], x0, lower=None, upper=None, *,
   ``vmap``) by the implicit function theorem on its fixed point: active
   coordinates follow their bound, free ones solve :math:`H_{FF}\, dx_F =
   -(\partial_\theta \nabla_F f\, d\theta + H_{FA}\, dx_A)` by conjugate
-  gradients on Hessian-vector products (``posconstr.solvers._implicit``). ``value``
-  and ``grad`` get the matching tangents; ``x0`` has none. At a degenerate
-  point (a coordinate on its bound with zero gradient) the derivative is
-  the one-sided one that keeps it on the bound. Data must come in through
-  ``args`` (or the bounds) to be differentiated: values that ``fun`` closes
-  over are constants to the solve.
+  gradients on Hessian-vector products (``posconstr.solvers._implicit``).
+  ``value`` and ``grad`` get the matching tangents; ``x0`` has none. At a
+  degenerate point (a coordinate on its bound with zero gradient) the
+  derivative is the one-sided one that keeps it on the bound. Data must
+  come in through ``args`` (or the bounds) to be differentiated: values
+  that ``fun`` closes over are constants to the solve.
 
   **Compilation.** The solve is compiled once per ``fun``, ``memory_size``
   and argument shapes and dtypes; every other option

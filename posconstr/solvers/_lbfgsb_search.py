@@ -9,10 +9,12 @@ changed) is extrapolated, up to the last breakpoint of the path.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from posconstr.solvers import _lbfgsb_core as core
 
@@ -99,13 +101,14 @@ def path_slope(g, d, x, lower, upper) -> jax.Array:
   if not parts:
     return jnp.zeros(())
   dtype = jnp.result_type(*parts)
-  return sum(p.astype(dtype) for p in parts)
+  return functools.reduce(jnp.add, [p.astype(dtype) for p in parts])
 
 
 def projected_search(value_and_grad, x, value, g, d, lower, upper, *,
                      max_steps=20, c1: float = 1e-4, c2: float = 0.9,
                      c3: float = 1.5, initial_step=1.0, reference=None,
-                     slope0=None, first_to_vertex=False) -> SearchResult:
+                     slope0=None,
+                     first_to_vertex: ArrayLike = False) -> SearchResult:
   """A Wolfe line search along the projected path ``P(x + a d)``.
 
   ``phi(a) = f(P(x + a d))`` is searched for a step that satisfies the

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from posconstr.solvers import _lbfgsb_core as core
 from posconstr.solvers import _lbfgsb_search as search_lib
@@ -134,8 +135,8 @@ def blank(x, value_dtype, *, memory_size: int) -> SolverState:
 
 
 def restart(state: SolverState, x, value, grad, lower, upper,
-            settings: Settings, *, keep_memory=False, has_value: bool = True,
-            num_evals=0) -> SolverState:
+            settings: Settings, *, keep_memory: ArrayLike = False,
+            has_value: bool = True, num_evals: ArrayLike = 0) -> SolverState:
   """``state`` moved to the feasible point ``x`` with its value and gradient.
 
   The counters carry on; the memory is kept where ``keep_memory`` (the same

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from posconstr.sets import _constraint
-from posconstr.solvers import _dtype_groups as groups
 from posconstr.sets import _landing
+from posconstr.solvers import _dtype_groups as groups
 from posconstr.solvers import _lbfgsb
 from posconstr.solvers import _lbfgsb_core as core
 from posconstr.solvers import _lbfgsb_step as step_lib
@@ -202,7 +202,7 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
     return LbfgsbState(jnp.zeros((), jnp.int32), solver.f,
                        jax.tree.map(jnp.zeros_like, params), solver, info)
 
-  def update_fn(updates, state: LbfgsbState, params=None, *, value=None,
+  def update_fn(updates, state, params=None, *, value=None,
                 grad=None, value_fn: Optional[Callable] = None, **extra_args):
     if params is None:
       raise ValueError("lbfgsb needs the current parameters: call "

@@ -100,7 +100,7 @@ def masked_solve_unrolled(G: jax.Array, free: jax.Array,
   Column ``j`` of the factor is an array of rows ``j..n-1`` by ``k``
   right-hand sides. Each finished column goes through
   ``lax.optimization_barrier``: otherwise XLA fuses every earlier column's
-  arithmetic into each later one and recomputes it (8x slower). A pivot that
+  arithmetic into each later one and recomputes it. A pivot that
   rounding makes smaller than ``tau`` is raised to ``tau``, so the result is
   finite for any symmetric ``G``; an inactive coordinate has a zero column,
   any positive pivot and a zero solution.
@@ -123,7 +123,7 @@ def masked_solve_unrolled(G: jax.Array, free: jax.Array,
     col, wj = jax.lax.optimization_barrier((col, wj / s))
     cols.append(col)
     w.append(wj)
-  x = [None] * n
+  x: list = [None] * n
   for j in reversed(range(n)):
     acc = w[j]
     for i in range(j + 1, n):

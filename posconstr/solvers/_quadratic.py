@@ -9,11 +9,11 @@ Both reduce to
 
 with ``G`` symmetric positive semidefinite, one column of ``q`` per
 right-hand side, solved by the active-set iteration of
-``posconstr.solvers._qp_active_set`` (block principal pivoting with exact solves on
-the free set, and a monotone projected-Newton safeguard). The solution is
-differentiable in ``G``, ``q`` and the bounds by the implicit function
-theorem on the free set (``posconstr.solvers._implicit``), with an exact dense solve
-for the reduced system; ``nnls`` forms ``G = A^T A`` and ``q = -A^T b``
+``posconstr.solvers._qp_active_set`` (block principal pivoting with exact solves
+on the free set, and a monotone projected-Newton safeguard). The solution is
+differentiable in ``G``, ``q`` and the bounds by the implicit function theorem
+on the free set (``posconstr.solvers._implicit``), with an exact dense solve for
+the reduced system; ``nnls`` forms ``G = A^T A`` and ``q = -A^T b``
 outside that rule, so derivatives in ``A`` and ``b`` follow by the chain
 rule.
 """
@@ -124,7 +124,7 @@ def _bound(owner: str, name: str, value, default: float, n: int, shape,
   """A bound broadcast to ``shape`` (n, k); a length-n vector is per row."""
   if value is None:
     return jnp.full(shape, default, dtype)
-  if isinstance(value, bool) or getattr(value, "dtype", None) == bool:
+  if isinstance(value, bool) or getattr(value, "dtype", None) == jnp.bool_:
     raise TypeError(f"{owner}: `{name}` must be a number or an array of "
                     f"numbers, got {value!r}.")
   try:
@@ -209,7 +209,7 @@ def _work_dtype(dtype):
 
 def _gram(A, b):
   """``A^T A`` (a contraction over the rows) and ``A^T b`` as ``(b^T A)^T``
-  (on XLA:CPU 1.6x faster than the contraction for one right-hand side)."""
+  (a matrix-vector product for one right-hand side, not a contraction)."""
   dims = (((0,), (0,)), ((), ()))
   return jax.lax.dot_general(A, A, dims), (b.T @ A).T
 
@@ -231,7 +231,8 @@ def box_qp(Q, c, lower=None, upper=None, *, x0=None,
   principal pivoting (Kim & Park 2011; the primal-dual active set method of
   Bergounioux, Ito & Kunisch 1999) with a monotone projected-Newton
   safeguard, so that it ends in a few iterations on well-conditioned
-  problems and cannot cycle on hard ones (see ``posconstr.solvers._qp_active_set``).
+  problems and cannot cycle on hard ones (see
+  ``posconstr.solvers._qp_active_set``).
   Jittable and vmappable; the whole solve is one ``lax.while_loop``.
   Several problems sharing ``Q`` are solved together when ``c`` is a matrix
   (one problem per column), which is much faster than a loop.

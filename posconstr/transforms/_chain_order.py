@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from posconstr.tree import _paths
 from posconstr.transforms import _projected
 from posconstr.transforms import _projection
+from posconstr.tree import _paths
 from posconstr.tree import _selection
 
 

@@ -1,4 +1,4 @@
-"""Keras-style per-parameter constraints for any pytree: ``constrain(rules)``."""
+"""Keras-style per-parameter constraints for a pytree: ``constrain(rules)``."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ def constrain(
   :func:`posconstr.nnx.reparameterize`, ``layers/0/weight`` in an
   ``eqx.nn.MLP``) and patterns are case-sensitive ``fnmatch`` globs, in which
   ``*`` also crosses ``/``. Only array leaves (and Python numbers) are
-  matched: the functions of an unfiltered ``eqx.Module`` are left alone. Rules are tried in order and the first match
-  wins; a rule mapped to ``None`` leaves its matches unconstrained (useful
-  before a catch-all). Leaves that match no rule are returned untouched.
+  matched: the functions of an unfiltered ``eqx.Module`` are left alone.
+  Rules are tried in order and the first match wins; a rule mapped to
+  ``None`` leaves its matches unconstrained (useful before a catch-all).
+  Leaves that match no rule are returned untouched.
 
   Like :func:`posconstr.project`, use it as the last link of a chain.
 

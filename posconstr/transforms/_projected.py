@@ -19,34 +19,22 @@ class ProjectedState(NamedTuple):
 
 
 def _dropped(constraint, grad, param):
-  """Finite gradient components that point out of the set at the bound.
+  """Finite gradient components that point out of the set at the bound
+  (None where nothing is dropped: no set, or one that is not elementwise).
 
   Non-finite ones are kept: ``inf`` and NaN reach the parameters, as they
   do through ``optax.chain(inner, posconstr.project(...))``.
   """
+  if constraint is None or not constraint.elementwise:
+    return None
   return constraint.pushing_out(param, grad) & jnp.isfinite(grad)
 
 
-def _drop_outward(constraint, grad, param):
-  """Zeroes gradient components that point out of the set at the bound."""
-  if not constraint.elementwise:
-    return grad
-  return jnp.where(_dropped(constraint, grad, param), jnp.zeros_like(grad),
-                   grad)
-
-
-def _no_zero_over_zero(constraint, step, grad, param):
-  """0 for the inner step where the gradient was zeroed and the step is NaN.
-
-  Adam's ``mu / (sqrt(nu) + eps)`` is ``0 / 0`` for a zero gradient when
-  ``eps`` underflows (``1e-8`` is 0 in float16); the zero was ours, and a
-  zero gradient's step is 0. A NaN gradient is never zeroed, so its NaN step
-  still reaches the parameters.
-  """
-  if constraint is None or not constraint.elementwise:
-    return step
-  zeroed = _dropped(constraint, grad, param)
-  return jnp.where(zeroed & jnp.isnan(step), jnp.zeros_like(step), step)
+def _zeroed(dropped, x):
+  """``x`` with 0 where ``dropped`` (``x`` itself where it is None)."""
+  if dropped is None:
+    return x
+  return jnp.where(dropped, jnp.zeros_like(x), x)
 
 
 def projected(inner: optax.GradientTransformation, constraint,
@@ -125,12 +113,21 @@ def projected(inner: optax.GradientTransformation, constraint,
   def update_fn(updates, state, params=None, **extra_args):
     _projection.require_params(params, owner)
     plan = make_plan(params)
-    grads = _projection.map_plan(plan, _drop_outward, updates, params, owner)
+    treedef = jax.tree.structure(params)
+    dropped = [_dropped(c, g, p) for c, g, p in zip(
+        plan, _projection.leaves_like(treedef, updates, owner),
+        treedef.flatten_up_to(params))]
+    grads = treedef.unflatten(map(_zeroed, dropped, treedef.flatten_up_to(
+        updates)))
     steps, inner_state = inner.update(grads, state.inner_state, params,
                                       **extra_args)
-    steps = jax.tree.map(_no_zero_over_zero,
-                         jax.tree.structure(params).unflatten(plan), steps,
-                         updates, params, is_leaf=_projection.is_plan_leaf)
+    # Adam's step for a zero gradient is 0 / 0 when its eps underflows
+    # (1e-8 in float16); the zero was ours, and a zero gradient's step is 0.
+    # A NaN gradient is never zeroed, so its NaN step still reaches params.
+    steps = treedef.unflatten(
+        s if d is None else _zeroed(d & jnp.isnan(s), s)
+        for d, s in zip(dropped, _projection.leaves_like(treedef, steps,
+                                                         owner)))
     return (_projection.land(plan, steps, params, owner),
             ProjectedState(inner_state))
 

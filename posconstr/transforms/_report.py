@@ -8,8 +8,8 @@ from typing import Dict, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from posconstr.tree import _paths
 from posconstr.transforms import _projection
+from posconstr.tree import _paths
 
 
 class LeafReport(NamedTuple):

@@ -12,7 +12,7 @@ others replaced by ``optax.MaskedNode()``, as ``optax.masked`` does).
 from __future__ import annotations
 
 import functools
-from typing import Callable, List
+from typing import Callable, List, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ def _unpartial(fn):
   return fn
 
 
-def is_tree_projection(fn) -> bool:
+def is_tree_projection(fn) -> TypeGuard[Callable]:
   """One of Optax's projections (``optax.projections.projection_*``).
 
   Also with arguments bound by ``functools.partial``. Other functions are

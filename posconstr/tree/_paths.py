@@ -1,4 +1,4 @@
-"""Parameter paths as strings: ``Dense_0/kernel``, the same for linen and NNX."""
+"""Parameter paths as strings: ``Dense_0/kernel``, alike in linen and NNX."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import numbers
 from typing import Any, List, Sequence, Tuple
 
 import jax
-from jax import tree_util as jtu
 import numpy as np
+from jax import tree_util as jtu
 
 
 def key_to_str(key) -> str:

@@ -12,6 +12,7 @@ import numbers
 from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import jax
+import jax.core  # Explicit: `jax.core.Tracer` below.
 import numpy as np
 
 from posconstr.tree import _paths
@@ -88,8 +89,8 @@ def check_mask_arg(mask, owner: str) -> None:
     raise ValueError(f"{owner}: `mask` pattern must not be empty.")
   if ((isinstance(mask, numbers.Number) or hasattr(mask, "shape"))
       and not _is_scalar_bool(mask)):
-    got = (repr(mask) if np.ndim(mask) == 0
-           else f"an array of shape {np.shape(mask)}")
+    shape = getattr(mask, "shape", ())
+    got = repr(mask) if not shape else f"an array of shape {tuple(shape)}"
     raise TypeError(
         f"{owner}: `mask` must be None, a glob pattern, a list of patterns, a "
         f"callable or a bool pytree (True/False for the whole tree), got "
@@ -126,10 +127,12 @@ def _as_static_bool(value, path: str, owner: str) -> bool:
 
 def _prefix_mismatch(mask_paths, param_paths) -> str:
   for mp in mask_paths:
-    if not any(p == mp or p.startswith(mp + "/") or mp == "" for p in param_paths):
+    if not any(p == mp or p.startswith(mp + "/") or mp == ""
+               for p in param_paths):
       return f"the mask has `{mp}`, which is not a path of params"
   for p in param_paths:
-    if not any(p == mp or p.startswith(mp + "/") or mp == "" for mp in mask_paths):
+    if not any(p == mp or p.startswith(mp + "/") or mp == ""
+               for mp in mask_paths):
       return f"params have `{p}`, which the mask does not cover"
   return "their structures differ"
 
@@ -183,7 +186,8 @@ def select(params, mask, owner: str) -> List[bool]:
   if isinstance(mask, str) or is_pattern_list(mask):
     patterns = [mask] if isinstance(mask, str) else list(mask)
     paths = [p if ok else None for p, ok in zip(paths, usable)]
-    selected = [p is not None and any(_paths.matches(pat, p) for pat in patterns)
+    selected = [p is not None
+                and any(_paths.matches(pat, p) for pat in patterns)
                 for p in paths]
     unmatched = [pat for pat in patterns
                  if not any(p is not None and _paths.matches(pat, p)
