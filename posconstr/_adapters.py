@@ -29,6 +29,15 @@ def forward(parameterization, latent):
   return _compiled_forward(parameterization)(latent)
 
 
+def forward_tree(tree, plan):
+  """``tree`` with each leaf that ``plan`` (one entry per leaf) gives a
+  parameterization replaced by its forward map."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(
+      treedef, [x if p is None else forward(p, x)
+                for p, x in zip(plan, leaves)])
+
+
 def latent_of(parameterization, value):
   """The latent of an initial *applied* value: ``inverse(fold(value))``."""
   return parameterization.inverse(parameterization.fold(value))

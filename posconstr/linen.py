@@ -103,13 +103,6 @@ def _check_once(scope_path: Sequence[str], paths: Sequence[str], what: str,
             "path to None there, or wrap a plain module.")
 
 
-def _apply_plan(params, plan):
-  leaves, treedef = jax.tree.flatten(params)
-  return jax.tree.unflatten(
-      treedef, [x if p is None else _adapters.forward(p, x)
-                for p, x in zip(plan, leaves)])
-
-
 def _rules_of(kernel, bias, rules) -> dict:
   """The ``{relative path pattern: parameterization}`` of a wrapper."""
   merged = {}
@@ -210,7 +203,8 @@ class Reparameterized(nn.Module):
       params = variables.get("params", {})
       if not params:
         return variables
-      return {**variables, "params": _apply_plan(params, planned(params))}
+      applied = _adapters.forward_tree(params, planned(params))
+      return {**variables, "params": applied}
 
     def to_latent(variables):
       params = variables.get("params", {})

@@ -108,13 +108,6 @@ def _param_targets(module: _nnx.Module, rules) -> tuple:
   return paths, variables, plan
 
 
-def _forward_tree(state, plan):
-  leaves, treedef = jax.tree.flatten(state)
-  return jax.tree.unflatten(
-      treedef, [x if p is None else _adapters.forward(p, x)
-                for p, x in zip(plan, leaves)])
-
-
 def _swap(variables, values, latents) -> bool:
   """Puts ``values`` into ``variables``; False, changing nothing, if it cannot.
 
@@ -159,7 +152,7 @@ class Reparameterized(_nnx.Module):
     loads the constrained weights into an unwrapped copy of the model.
     """
     _, _, plan = _param_targets(self.module, self.rules)
-    return _forward_tree(_nnx.state(self, _nnx.Param), plan)
+    return _adapters.forward_tree(_nnx.state(self, _nnx.Param), plan)
 
   def __call__(self, *args, **kwargs):
     _, variables, plan = _param_targets(self.module, self.rules)
@@ -181,7 +174,7 @@ class Reparameterized(_nnx.Module):
 
   def _functional_call(self, plan, args, kwargs):
     graphdef, params, rest = _nnx.split(self.module, _nnx.Param, ...)
-    view = _nnx.merge(graphdef, _forward_tree(params, plan), rest)
+    view = _nnx.merge(graphdef, _adapters.forward_tree(params, plan), rest)
     out = view(*args, **kwargs)
     # Carry back what the call changed besides the Params (RNG counters,
     # batch statistics, caches); the latents are never written.

@@ -9,6 +9,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 class TwoDense(nn.Module):
@@ -50,3 +51,21 @@ def pushing_grads(step: int, params, seed: int = 1000):
 def regression_loss(x, y):
   """``p -> mean((x @ p["w"] + p["b"] - y)^2)``."""
   return lambda p: jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+
+def fit_linen_mse(model, tx, params, x, y, steps: int):
+  """``steps`` jitted steps of ``tx`` on the mean squared error of a linen
+  ``model``; the final params and the loss before each step."""
+
+  @jax.jit
+  def step(params, state):
+    loss, g = jax.value_and_grad(lambda p: jnp.mean(
+        (model.apply({"params": p}, x) - y)**2))(params)
+    updates, state = tx.update(g, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  state, losses = tx.init(params), []
+  for _ in range(steps):
+    params, state, loss = step(params, state)
+    losses.append(float(loss))
+  return params, losses

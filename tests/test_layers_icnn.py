@@ -17,6 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
+import _models
 import posconstr
 from posconstr import initializers
 from posconstr.linen import ICNN
@@ -93,20 +94,7 @@ def _fit(model, tx, params, steps=40):
   """Adam on a concave target, which pushes the z weights negative."""
   x = jax.random.normal(jax.random.key(5), (64, IN)) * 2
   y = -jnp.sum(x**2, axis=-1, keepdims=True)
-
-  @jax.jit
-  def step(params, state):
-    loss, g = jax.value_and_grad(lambda p: jnp.mean(
-        (model.apply({"params": p}, x) - y)**2))(params)
-    updates, state = tx.update(g, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  state = tx.init(params)
-  losses = []
-  for _ in range(steps):
-    params, state, loss = step(params, state)
-    losses.append(float(loss))
-  return params, losses
+  return _models.fit_linen_mse(model, tx, params, x, y, steps)
 
 
 def test_convex_after_training_with_the_projection():

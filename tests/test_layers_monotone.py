@@ -21,6 +21,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import _models
 import posconstr
 from posconstr.layers import _monotone_math
 from posconstr.layers import _signed_math
@@ -89,19 +90,7 @@ def _fit(model, tx, params, steps=40):
   """Adam towards a target that decreases in input 0 and increases in 1."""
   x = grid(7, n=32)
   y = (-2.0 * x[:, 0] + 2.0 * x[:, 1] + jnp.sin(x[:, 2]))[:, None]
-
-  @jax.jit
-  def step(params, state):
-    loss, g = jax.value_and_grad(lambda p: jnp.mean(
-        (model.apply({"params": p}, x) - y)**2))(params)
-    updates, state = tx.update(g, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  state, losses = tx.init(params), []
-  for _ in range(steps):
-    params, state, loss = step(params, state)
-    losses.append(float(loss))
-  return params, losses
+  return _models.fit_linen_mse(model, tx, params, x, y, steps)
 
 
 @pytest.mark.parametrize("positivity", [

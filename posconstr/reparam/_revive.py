@@ -307,10 +307,7 @@ def revive_dead(inner: optax.GradientTransformation, rules, mask=None, *,
     (0.01, 1)
   """
   owner = "revive_dead"
-  if not (hasattr(inner, "init") and hasattr(inner, "update")):
-    raise TypeError(f"{owner}: `inner` must be an Optax optimizer (a "
-                    f"GradientTransformation such as optax.adam(1e-3)), got "
-                    f"{inner!r} of type {type(inner).__name__}.")
+  base.check_optimizer_arg(inner, "inner", owner)
   rules = _reparam.check_rules_arg(rules, mask, owner)
   patience_ = _check_patience(patience, owner)
   tol_ = base.hyperparameter("tol", tol, owner, lambda v: v > 0, "> 0")

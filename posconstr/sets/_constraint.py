@@ -240,6 +240,14 @@ def hyperparameter(name: str, value, owner: str, valid, allowed: str):
   return poison(valid(value), value)
 
 
+def check_optimizer_arg(inner, name: str, owner: str) -> None:
+  """Raises unless ``inner`` has Optax's ``init`` and ``update``."""
+  if not (hasattr(inner, "init") and hasattr(inner, "update")):
+    raise TypeError(f"{owner}: `{name}` must be an Optax optimizer (a "
+                    f"GradientTransformation such as optax.adam(1e-3)), got "
+                    f"{inner!r} of type {type(inner).__name__}.")
+
+
 def poison(ok, value):
   """``value`` where ``ok``, NaN elsewhere (``value`` alone when ``ok`` is
   concretely true)."""

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from posconstr.sets import _constraint
 from posconstr.transforms import _projection
 from posconstr.tree import _selection
 
@@ -98,10 +99,7 @@ def projected(inner: optax.GradientTransformation, constraint,
     0.0
   """
   owner = "projected"
-  if not (hasattr(inner, "init") and hasattr(inner, "update")):
-    raise TypeError(f"projected: `inner` must be an Optax optimizer (a "
-                    f"GradientTransformation such as optax.adam(1e-3)), got "
-                    f"{inner!r} of type {type(inner).__name__}.")
+  _constraint.check_optimizer_arg(inner, "inner", owner)
   make_plan = _projection.plan_maker(constraint, mask, owner)
   inner = optax.with_extra_args_support(inner)
 
