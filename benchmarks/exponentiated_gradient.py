@@ -10,8 +10,9 @@ and digits (1000 images as columns, ``b`` a held-out one). The quickstart MLP
 (64-64-10 on digits, kernels from ``|lecun_normal|``, biases free): training
 loss and test accuracy, means over seeds. Convergence, not timing. ``python
 -m benchmarks.exponentiated_gradient`` (about 4 min on 2 CPU cores) writes
-``benchmarks/results/exponentiated_gradient.json`` (``readme_tables`` renders
-it); ``--quick`` writes only to ``--out``.
+its results outside the tree (``_timing.raw_path``, or ``--out``); with
+``--summary`` also ``benchmarks/results/exponentiated_gradient.json``, which
+``readme_tables`` renders (never with ``--quick``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from sklearn import model_selection
 from sklearn import preprocessing
 
 import posconstr
+from benchmarks import _timing
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                    "exponentiated_gradient.json")
@@ -190,9 +192,13 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true",
                   help="one seed, 200x50 and digits, fewer steps")
-  ap.add_argument("--out", help=f"JSON (default: {OUT}; with --quick, "
-                  "nowhere: a smoke run never replaces the summary)")
+  ap.add_argument("--out", help="JSON of this run (default: outside the "
+                  "source tree, see _timing.raw_path)")
+  ap.add_argument("--summary", action="store_true",
+                  help=f"also write {OUT}, the README table's source")
   args = ap.parse_args(argv)
+  if args.quick and args.summary:
+    ap.error("--quick never writes the committed summary: drop --summary")
   seeds = [0] if args.quick else [0, 1, 2]
   checkpoints = [30, 100] if args.quick else [100, 1000]
   problems = ["200x50", "digits"] + ([] if args.quick else ["2000x500"])
@@ -203,8 +209,8 @@ def main(argv=None) -> int:
              "nnls_seeds": len(seeds), "machine": machine, "nnls": [
                  r for p in problems for r in nnls_case(p, seeds, checkpoints)],
              "mlp": mlp_case(seeds, 200 if args.quick else 1000)}
-  out = args.out or (None if args.quick else OUT)
-  if out:
+  outs = [args.out or _timing.raw_path("exponentiated_gradient", args.quick)]
+  for out in outs + ([OUT] if args.summary else []):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
       json.dump(payload, f, indent=1)
