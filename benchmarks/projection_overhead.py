@@ -10,7 +10,13 @@ A jitted MLP train step (MSE on random data, ``jax.value_and_grad`` + update
   Box(-1, 1)})`` and the peer ``optax.keep_params_nonnegative()``;
 * ``adam; jit(max)``: then a *separate* jitted ``max(p, 0)`` (what not fusing
   costs); ``adam+max in-jit`` / ``adam+maxnorm in-jit``: ``max(p, 0)`` /
-  MaxNorm of the kernels by hand inside the same step (references).
+  MaxNorm of the kernels by hand inside the same step (references);
+* ``projected(kernel)``: ``projected(adam, NonNegative(), mask="*/kernel")``;
+  ``unitnorm``/``minmaxnorm``/``simplex(kernel)``: those sets (``axis=0``)
+  chained after Adam, and ``... post``: the same sets by
+  ``project_params`` after ``apply_updates`` in the same step, which XLA
+  can do in place (the in-optimizer form must return an update, so Adam's
+  step becomes a scratch buffer that XLA:CPU maps afresh on every call).
 
 Per variant: median step time after compilation, paired ratio to ``adam``,
 ratios of medians and of minima; XLA's bytes accessed of the very executable
@@ -24,11 +30,14 @@ Usage::
   python -m benchmarks.projection_overhead            # 0.2M, 3M, 12M, 40M
   python -m benchmarks.projection_overhead --quick    # ~10 s smoke run
   python -m benchmarks.projection_overhead --sizes 3M,12M --repeats 40
+  python -m benchmarks.projection_overhead --mode update --sizes 100M \
+      --depth 4 --variants "adam,unitnorm(kernel),unitnorm(kernel) post"
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -42,7 +51,7 @@ import posconstr
 from benchmarks import _timing
 from benchmarks import _xla_cost
 
-DEPTH = 3  # Dense layers of width x width: params = DEPTH * (width^2 + width).
+DEPTH = 3  # Dense layers of width x width: params = depth * (width^2 + width).
 BATCH = 128
 LEARNING_RATE = 1e-4
 BASELINE = "adam"
@@ -52,9 +61,9 @@ SUMMARY_KEYS = ("mode", "n_params", "width", "repeats", "median_s",
                 "bytes_ratio", "entry_fusions", "temp_bytes", "failed")
 
 
-def width_for(n_params: float) -> int:
+def width_for(n_params: float, depth: int = DEPTH) -> int:
   """The width whose MLP has about ``n_params`` parameters."""
-  return max(8, round((-1 + math.sqrt(1 + 4 * n_params / DEPTH)) / 2))
+  return max(8, round((-1 + math.sqrt(1 + 4 * n_params / depth)) / 2))
 
 
 def parse_size(text: str) -> float:
@@ -63,18 +72,18 @@ def parse_size(text: str) -> float:
   return float(text[:-1]) * scale if scale else float(text)
 
 
-def init_params(key, width: int):
+def init_params(key, width: int, depth: int = DEPTH):
   """Linen-style params: {"Dense_i": {"kernel": (w, w), "bias": (w,)}}."""
   return {f"Dense_{i}": {"kernel": jax.random.normal(k, (width, width))
                                    / math.sqrt(width),
                          "bias": jnp.zeros((width,))}
-          for i, k in enumerate(jax.random.split(key, DEPTH))}
+          for i, k in enumerate(jax.random.split(key, depth))}
 
 
 def loss_fn(params, x, y):
-  for i in range(DEPTH):
+  for i in range(len(params)):
     x = x @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
-    x = jax.nn.relu(x) if i < DEPTH - 1 else x
+    x = jax.nn.relu(x) if i < len(params) - 1 else x
   return jnp.mean((x - y) ** 2)
 
 
@@ -107,6 +116,20 @@ def variant_specs() -> Dict[str, Dict[str, Any]]:
           "*/kernel": posconstr.NonNegative(),
           "*/bias": posconstr.Box(-1.0, 1.0)})),
       "optax keep_nonneg": with_adam(optax.keep_params_nonnegative()),
+      "projected(kernel)": {"tx": posconstr.projected(
+          adam(), posconstr.NonNegative(), mask="*/kernel")},
+      "unitnorm(kernel)": with_adam(posconstr.project(
+          posconstr.UnitNorm(axis=0), mask="*/kernel")),
+      "minmaxnorm(kernel)": with_adam(posconstr.project(
+          posconstr.MinMaxNorm(0.5, 2.0, axis=0), mask="*/kernel")),
+      "simplex(kernel)": with_adam(posconstr.project(
+          posconstr.Simplex(axis=0), mask="*/kernel")),
+      # The same sets by posconstr.project_params after apply_updates.
+      **{f"{name}(kernel) post": {"tx": adam(), "post": functools.partial(
+          posconstr.project_params, constraint=c, mask="*/kernel")}
+         for name, c in (("unitnorm", posconstr.UnitNorm(axis=0)),
+                         ("maxnorm", posconstr.MaxNorm(2.0, axis=0)),
+                         ("simplex", posconstr.Simplex(axis=0)))},
       "adam; jit(max)": {"tx": adam(), "separate": _nonneg_tree},
       "adam+max in-jit": {"tx": adam(), "post": _nonneg_tree},
       "adam+maxnorm in-jit": {"tx": adam(), "post": _maxnorm_kernels},
@@ -165,9 +188,9 @@ class Runner:
 
 
 def run_size(n_target, mode, names, args) -> Dict[str, Any]:
-  width = width_for(n_target)
+  width = width_for(n_target, args.depth)
   kp, kx, ky, kg = jax.random.split(jax.random.key(0), 4)
-  params = init_params(kp, width)
+  params = init_params(kp, width, args.depth)
   if mode == "train":
     data = (jax.random.normal(kx, (BATCH, width)),
             jax.random.normal(ky, (BATCH, width)))
@@ -198,8 +221,8 @@ def run_size(n_target, mode, names, args) -> Dict[str, Any]:
         **costs, "executables": len(r.compiled),
         "minor_faults_per_step": _xla_cost.minor_faults_per_call(r),
         "compile_s": r.compile_s, "min_kernel": r.min_kernel()}
-  return {"mode": mode, "width": width, "depth": DEPTH, "batch": BATCH,
-          "n_params": DEPTH * (width * width + width),
+  return {"mode": mode, "width": width, "depth": args.depth, "batch": BATCH,
+          "n_params": args.depth * (width * width + width),
           "repeats": len(times[BASELINE]), "variants": rows,
           "failed": notes}
 
@@ -231,6 +254,7 @@ README_ROWS = {
     '`project_nonneg(mask="*/kernel")`': "nonneg(kernel)",
     "`constrain({kernel: NonNegative, bias: Box})`": "constrain",
     "`optax.keep_params_nonnegative` (peer)": "optax keep_nonneg",
+    '`projected(adam, NonNegative(), mask="*/kernel")`': "projected(kernel)",
     "`project(MaxNorm(2, axis=0))`": "maxnorm(kernel)",
     "MaxNorm by hand after `apply_updates`, same jit": "adam+maxnorm in-jit",
     "Adam, then a separate jitted projection pass": "adam; jit(max)",
@@ -253,6 +277,40 @@ def readme_table(payload) -> str:
        "bytes"], rows)
 
 
+# --scale: the sets that are not elementwise, at 100M parameters (four
+# 5000x5000 kernels), optimizer update alone; a README table of its own.
+SCALE = {"sizes": "100M", "depth": 4, "mode": "update"}
+SCALE_ROWS = {
+    "`project_nonneg()`": "nonneg(all)",
+    '`projected(adam, NonNegative(), mask="*/kernel")`': "projected(kernel)",
+    "`project(MaxNorm(2, axis=0))`": "maxnorm(kernel)",
+    "`project_params(MaxNorm(2, axis=0))` after `apply_updates`":
+        "maxnorm(kernel) post",
+    "`project(UnitNorm(axis=0))`": "unitnorm(kernel)",
+    "`project(MinMaxNorm(0.5, 2, axis=0))`": "minmaxnorm(kernel)",
+    "`project_params(UnitNorm(axis=0))` after `apply_updates`":
+        "unitnorm(kernel) post",
+    "`project(Simplex(axis=0))`": "simplex(kernel)",
+    "`project_params(Simplex(axis=0))` after `apply_updates`":
+        "simplex(kernel) post",
+}
+
+
+def scale_table(payload) -> str:
+  """Per variant: step time, paired ratio to Adam, bytes, XLA scratch."""
+  (res,) = payload["results"]
+  base = res["variants"][BASELINE]
+  rows = [["Adam alone", f"{base['median_s'] * 1e3:.0f} ms", "1.00x",
+           "1.00x", _timing.fmt_bytes(base["temp_bytes"])]]
+  for label, name in SCALE_ROWS.items():
+    v = res["variants"][name]
+    rows.append([label, f"{v['median_s'] * 1e3:.0f} ms",
+                 f"{v['paired_ratio']['median']:.2f}x",
+                 f"{v['bytes_ratio']:.2f}x", _timing.fmt_bytes(v["temp_bytes"])])
+  return _timing.markdown_table(
+      ["after Adam", "step", "time ratio", "bytes ratio", "XLA scratch"], rows)
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--sizes", default=None,
@@ -262,16 +320,28 @@ def main(argv=None) -> int:
                   default="train",
                   help="time the full train step, the optimizer update "
                        "alone (fixed grads), or both.")
+  ap.add_argument("--depth", type=int, default=DEPTH,
+                  help="Dense layers of width x width (default %(default)s).")
   ap.add_argument("--variants", default=None,
                   help="comma-separated subset of: "
                        + ", ".join(variant_specs()))
-  args = _timing.parse_args(ap, argv, "projection_overhead", repeats=40,
+  ap.add_argument("--scale", action="store_true",
+                  help="the non-elementwise sets at 100M parameters (update "
+                       "mode, depth 4; summary projection_scale.json).")
+  name = "projection_scale" if "--scale" in (argv or sys.argv) else (
+      "projection_overhead")
+  args = _timing.parse_args(ap, argv, name, repeats=40,
                             min_repeats=15, warmup=1,
                             quick={"repeats": 8, "min_repeats": 5})
+  if args.scale:
+    args.mode, args.depth = SCALE["mode"], SCALE["depth"]
+    args.sizes = args.sizes or ("3M" if args.quick else SCALE["sizes"])
+    args.variants = args.variants or ",".join(
+        [BASELINE, *SCALE_ROWS.values()])
   names = _timing.select_variants(ap, args.variants, list(variant_specs()),
                                   BASELINE)
   sizes = (args.sizes or ("0.2M" if args.quick else "0.2M,3M,12M,40M"))
-  report = _timing.Report("projection_overhead", args)
+  report = _timing.Report(name, args)
   for mode in ["train", "update"] if args.mode == "both" else [args.mode]:
     for size in sizes.split(","):
       t0 = time.perf_counter()

@@ -66,14 +66,19 @@ RENDERERS: Dict[str, Tuple[str, Callable[[dict], str]]] = {
     "projection_overhead": ("projection_overhead.json",
                             _script("projection_overhead")),
     "reparam_overhead": ("reparam_overhead.json", _script("reparam_overhead")),
+    "compile_cost": ("compile_cost.json", _script("compile_cost")),
+    "projection_scale": ("projection_scale.json",
+                         lambda payload: importlib.import_module(
+                             "benchmarks.projection_overhead").scale_table(
+                                 payload)),
     "exponentiated_gradient": ("exponentiated_gradient.json",
                                _script("exponentiated_gradient")),
 }
 
 
 GALLERY = os.path.join(REPO, "docs", "gallery")
-EXAMPLES = ("quickstart", "lbfgs_network", "icnn", "monotone", "nmf",
-            "coding_layer")
+EXAMPLES = ("quickstart", "lbfgs_network", "stochastic_lbfgs", "icnn",
+            "monotone", "nmf", "coding_layer")
 
 
 def run_examples(names=EXAMPLES) -> None:

@@ -103,6 +103,13 @@ def _check_once(scope_path: Sequence[str], paths: Sequence[str], what: str,
             "path to None there, or wrap a plain module.")
 
 
+def _check_not_reparameterized(module: nn.Module, path: str, what: str):
+  """Raises if an enclosing :class:`Reparameterized` matches ``path`` of
+  ``module``, whose own variable already holds a latent (a layer that
+  applies its parameterization itself)."""
+  _check_once(_scope_path(module), [path], what)
+
+
 def _rules_of(kernel, bias, rules) -> dict:
   """The ``{relative path pattern: parameterization}`` of a wrapper."""
   merged = {}

@@ -292,6 +292,7 @@ def test_half_precision_projection_lands_exactly_inside(constraint, dtype):
   assert (np.abs(new64 - want) <= ulp).all()
 
 
+@pytest.mark.slow  # ~6 s of compiles; test_lbfgsb_engine covers the dtypes.
 def test_lbfgsb_with_value_fn_keeps_dtypes_and_bounds():
   with jax.enable_x64(True):
     params = _tree()
@@ -353,3 +354,32 @@ def test_lbfgsb_float32_value_with_float64_leaf():
       np.testing.assert_array_equal(np.asarray(leaf), np.asarray(
           jnp.full(3, 0.1, leaf.dtype)))
     assert float(state.value) == float(f(params))
+
+
+@pytest.mark.parametrize("name", [
+    "UnitNorm", pytest.param("MinMaxNorm", marks=pytest.mark.slow)])
+def test_shells_round_to_nearest_when_p_is_near_and_still_land(name):
+  """Slices of 64 with |p| ~ 2: nearest rounding provably lands in the
+  shell (|p| <= (n - 5) min_value), the bisection is skipped and each
+  coordinate is within the nearest-rounding bound u (|p| + 2 |t|) of the
+  float64 target. One slice far out (|p| = 80 > 59) sends the whole leaf
+  through the bisection, and it still lands."""
+  rng = np.random.default_rng(4)
+  p64 = rng.normal(size=(64, 32)) * 2 / 8  # |p| ~ 2 per column
+  u64 = rng.normal(size=(64, 32)) * 0.1
+  c = SETS[name]
+  land = jax.jit(lambda p, u: p + c.landing_update(p, u))
+  for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+    p, u = jnp.asarray(p64, dtype), jnp.asarray(u64, dtype)
+    new = land(p, u)
+    assert float(c.violation(new)) == 0.0, dtype
+    stepped = np.asarray((p + u).astype(jnp.float32), np.float64)
+    norms = np.linalg.norm(stepped, axis=0, keepdims=True)
+    target = stepped * np.clip(norms, c.min_value, c.max_value) / norms
+    unit = float(jnp.finfo(dtype).eps) / 2
+    params = np.asarray(p.astype(jnp.float32), np.float64)
+    miss = np.abs(np.asarray(new.astype(jnp.float32), np.float64) - target)
+    assert (miss <= 1.01 * unit * (np.abs(params) + 2 * np.abs(target))
+            + 1e-7 * np.abs(target)).all(), dtype
+    new = land(p.at[0, 0].set(80.0), u)
+    assert float(c.violation(new)) == 0.0, dtype

@@ -1,7 +1,7 @@
 """Smoke tests of the examples: they run, end to end, in a few steps.
 
 Behind the ``slow`` marker (``python -m pytest -q -n 2 -m slow``): together
-they take about a minute of CPU. The test extra installs what they import.
+they take about two minutes of CPU. The test extra installs what they import.
 """
 
 import importlib.util
@@ -108,8 +108,7 @@ def test_lbfgs_network_smoke(tmp_path, capsys):
 
   assert (tmp_path / "lbfgs_network.png").stat().st_size > 0
   out = capsys.readouterr().out
-  assert "stochastic (mini-batch) L-BFGS with bounds has no established " \
-         "theory" in out
+  assert "for mini-batches see stochastic_lbfgs.py" in out
   rows = _table_rows(out, names)
   methods = results["methods"]
   assert set(methods) == set(names)
@@ -309,3 +308,47 @@ def test_coding_layer_smoke(tmp_path, capsys):
   # through posconstr.nnls); the fixed one kept NMF's.
   fixed, learned = runs["nmf (fixed)"], runs["task-driven"]
   assert np.abs(learned["dictionary"] - fixed["dictionary"]).max() > 1e-4
+
+
+def test_stochastic_lbfgs_smoke(tmp_path, capsys):
+  stochastic = _load_example("stochastic_lbfgs")
+  # Compilation dominates: on the MLP every variant but naive-lbfgsb (the
+  # optimizer of multibatch-lbfgsb, the step of adam+projected), on the
+  # ICNN the one whose step differs most.
+  flags = ["--steps", "2", "--seeds", "2", "--out", str(tmp_path),
+           "--no-progress"]
+  mlp_variants = [v for v in stochastic.VARIANTS if v != "naive-lbfgsb"]
+  icnn_variants = ["multibatch-lbfgsb"]
+  runs = stochastic.main(flags + ["--problems", "icnn", "--variants",
+                                  *icnn_variants])["runs"]
+  results = stochastic.main(flags + ["--problems", "mlp", "--variants",
+                                     *mlp_variants])
+
+  _assert_figure_saved(results, tmp_path, "stochastic_lbfgs.png")
+  assert (tmp_path / "stochastic_lbfgs.md").stat().st_size > 0
+  runs.update(results["runs"])
+  assert set(runs) == ({("mlp", v) for v in mlp_variants}
+                       | {("icnn", v) for v in icnn_variants})
+  out = capsys.readouterr().out
+  for (problem, variant), seeds in runs.items():
+    assert len(seeds) == 2
+    for r in seeds:
+      # The budget is met, and each curve starts at the same loss.
+      assert r["epochs"][-1] >= 2.0 and r["epochs"][0] == 0.0
+      assert r["loss"][0] == pytest.approx(seeds[0]["loss"][0], rel=0.5)
+      assert np.all(np.diff(r["seconds"]) >= 0.0)
+      assert 0.0 <= r["accuracy"][-1] <= 1.0
+      # Feasible at every iterate; softplus weights are > 0.
+      assert r["min_weight"] >= 0.0, (problem, variant)
+      if variant == "lbfgs+softplus":
+        assert r["min_weight"] > 0.0
+    assert f"| {problem} | {variant} |" in out
+  # The seeds differ (init and batches), the start is shared by variants.
+  mlp = runs[("mlp", "adam+projected")]
+  assert mlp[0]["loss"][0] != mlp[1]["loss"][0]
+  assert mlp[0]["loss"][0] == pytest.approx(
+      runs[("mlp", "multibatch-lbfgsb")][0]["loss"][0], rel=1e-6)
+  # The stable variants made progress within two epochs.
+  for key in (("mlp", "minibatch-lbfgsb"), ("mlp", "multibatch-lbfgsb"),
+              ("mlp", "fullbatch-lbfgsb"), ("icnn", "multibatch-lbfgsb")):
+    assert all(r["loss"][-1] < r["loss"][0] for r in runs[key]), key

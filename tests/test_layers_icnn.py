@@ -318,3 +318,20 @@ def test_nnx_reparameterize_refuses_the_latents_twice():
   model = NnxICNN(IN, (8, 1), rngs=nnx.Rngs(0))  # z_1/kernel holds latents.
   with pytest.raises(ValueError, match="z_1/kernel` already holds a latent"):
     posconstr.nnx.reparameterize(model, {"*kernel": posconstr.Softplus()})
+
+
+def test_linen_reparameterized_refuses_the_latents_twice():
+  x = jnp.ones((2, 3))
+  model = posconstr.linen.ICNN(features=(8, 1), positivity=posconstr.Softplus())
+  twice = posconstr.linen.Reparameterized(
+      model, kernel=None, rules={"*/kernel": posconstr.Softplus()})
+  with pytest.raises(ValueError, match="z_1/kernel` already holds a latent"):
+    twice.init(jax.random.key(0), x)
+  # The passthrough (x-path) kernels hold plain weights: wrapping them is fine,
+  # and so is wrapping an ICNN whose z-path is projected.
+  for module, rules in (
+      (model, {"x_*/kernel": posconstr.Softplus()}),
+      (posconstr.linen.ICNN(features=(8, 1), positivity="project"),
+       {"*/kernel": posconstr.Softplus()})):
+    wrapped = posconstr.linen.Reparameterized(module, kernel=None, rules=rules)
+    assert wrapped.apply(wrapped.init(jax.random.key(0), x), x).shape == (2, 1)

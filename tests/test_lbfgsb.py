@@ -76,7 +76,8 @@ def _scipy_lbfgsb(fun, jac, x0, lo, hi):
 # (up to 1.67 against 1.26) and needs fewer in all (digits 118 against 137):
 # the total, against SciPy's, is what is checked.
 @pytest.mark.parametrize("name,tol", [
-    ("diabetes", 1e-10), ("digits", 5e-9), ("digits_random", 5e-9)])
+    ("diabetes", 1e-10), pytest.param("digits", 5e-9, marks=pytest.mark.slow),
+    ("digits_random", 5e-9)])
 def test_nnls_float64_matches_scipy(x64, name, tol):
   A, b = _PROBLEMS[name]()
   n = A.shape[1]
@@ -114,8 +115,8 @@ def test_nnls_float64_matches_scipy(x64, name, tol):
 
 # Measured with tol=1e-4: diabetes gap 9e-11 (9 it, 11 fev), digits gap
 # 1.1e-5 (80 it, 103 fev). Below ~1e-5 float32 runs into its precision floor.
-@pytest.mark.parametrize("name,max_gap", [("diabetes", 1e-7),
-                                          ("digits", 3e-5)])
+@pytest.mark.parametrize("name,max_gap", [
+    ("diabetes", 1e-7), pytest.param("digits", 3e-5, marks=pytest.mark.slow)])
 def test_nnls_float32_documented_tolerance(name, max_gap):
   A, b = _PROBLEMS[name]()
   with jax.enable_x64(False):

@@ -182,6 +182,7 @@ def test_traced_memory_size_is_refused_naming_static_args():
 # ------------------------------------------------------------ minimize
 
 
+@pytest.mark.slow  # ~4 s; test_compile_once counts compilations too.
 def test_traced_tolerances_work_and_do_not_recompile(x64):
   f = lambda x: jnp.sum((x - jnp.arange(4.0)) ** 2)
   solve = jax.jit(lambda tol, atol: posconstr.minimize(

@@ -74,8 +74,9 @@ def test_import_does_not_import_flax_then_submodules_do():
 
 @pytest.mark.parametrize("access", [
     "posconstr.linen",
-    "posconstr.nnx",
-    "__import__('posconstr', fromlist=['nnx'])",
+    pytest.param("posconstr.nnx", marks=pytest.mark.slow),  # A subprocess
+    pytest.param("__import__('posconstr', fromlist=['nnx'])",  # each: ~2.5 s.
+                 marks=pytest.mark.slow),
 ])
 def test_missing_flax_raises_a_clear_import_error(access):
   out = _run(_BLOCK_FLAX + textwrap.dedent(f"""

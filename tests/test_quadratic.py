@@ -124,7 +124,8 @@ def test_multiple_rhs_equal_single_columns(x64):
                                   scipy.optimize.nnls(A, B[:, j])[0] > 0)
 
 
-@pytest.mark.parametrize("mode", ["compact", "queue"])
+@pytest.mark.parametrize("mode", [
+    "compact", pytest.param("queue", marks=pytest.mark.slow)])
 def test_many_columns_match_scipy(x64, monkeypatch, mode):
   """Many columns: a shared first solve, the unrolled masked solves, and
   (forced at this size) the narrower last buffer or the work queue."""
@@ -315,6 +316,7 @@ def check_gradient(loss, *args, atol=1e-7, eps=1e-6):
   np.testing.assert_allclose(grad, diff, atol=atol)
 
 
+@pytest.mark.slow  # ~5 s; test_implicit checks nnls's closed-form Jacobian.
 def test_derivatives_finite_differences(x64):
   A, b = planted(3)
   w = np.arange(1.0, N + 1)

@@ -18,7 +18,6 @@ import optax
 import pytest
 
 import posconstr as pc
-from posconstr.sets._simplex import project_last_axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +39,7 @@ class L1Ball(pc.Constraint):
 
   def project(self, x):
     inside = jnp.sum(jnp.abs(x), -1, keepdims=True) <= self.radius
-    shrunk = jnp.sign(x) * project_last_axis(jnp.abs(x), self.radius)
+    shrunk = jnp.sign(x) * pc.Simplex(self.radius, axis=-1).project(jnp.abs(x))
     return jnp.where(inside, x, shrunk).astype(x.dtype)
 
 

@@ -187,6 +187,28 @@ def test_simplex_matches_scipy_qp_and_kkt():
     assert (v[~support] <= theta[0] + 1e-12).all()
 
 
+def test_simplex_threshold_search_on_its_hard_cases_and_without_a_sort():
+  # Michelot's Newton passes drop coordinates from the support; these inputs
+  # need several passes (a concave spread: log 1..60 takes 6), have ties at
+  # the threshold, or one slice converged long before the others.
+  n = 60
+  spread = np.log(np.arange(1, n + 1, dtype=F64))
+  cases = {
+      "spread": np.stack([spread, -spread, spread[::-1] * 3], 1),
+      "ties": np.repeat([[1.0], [1.0], [1.0], [0.5], [0.0]], 3, 1),
+      "one_far": np.concatenate([np.zeros((n - 1, 3)), [[50, 1e-9, -50]]]),
+  }
+  project = jax.jit(Simplex(2.0, axis=0).project)
+  with jax.enable_x64(True):
+    for name, v in cases.items():
+      y = np.asarray(project(jnp.asarray(v)))
+      np.testing.assert_allclose(y, ref_simplex(v, 2.0, 0), atol=1e-12,
+                                 err_msg=name)
+  hlo = jax.jit(Simplex(axis=0).project).lower(
+      jnp.zeros((50, 7))).compile().as_text()
+  assert " sort(" not in hlo and " transpose(" not in hlo
+
+
 # --------------------------------------------------------------------- norms
 
 

@@ -29,6 +29,11 @@ class SignedDense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    if not isinstance(self.positivity, str) and self.signs != 0:
+      # An enclosing posconstr.linen.Reparameterized must not map it again.
+      from posconstr import linen  # pylint: disable=g-import-not-at-top
+      linen._check_not_reparameterized(  # pylint: disable=protected-access
+          self, "kernel", "a layer of posconstr.linen.ICNN/MonotoneMLP")
     latent = self.param(
         "kernel", _signed_math.latent_init(self.kernel_init, self.positivity,
                                            self.signs),

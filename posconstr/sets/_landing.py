@@ -239,8 +239,14 @@ def interval_landing(param, update, lower, upper):
   """:func:`default_landing_update` for ``lower <= x <= upper``, with the
   bounds already in ``param``'s dtype (literals where they are concrete
   scalars): about twenty elementwise operations per leaf, no nested calls,
-  no constants of its own."""
+  no constants of its own; four for a single bound at 0, as
+  ``optax.keep_params_nonnegative`` (``-p`` lands exactly on 0)."""
   stepped = applied(param, update)
+  for bound, other, beyond in ((lower, upper, lax.lt), (upper, lower, lax.gt)):
+    if other is None and _literal(param, bound) and bound == 0:
+      # p + u beyond 0 (not NaN): -p, else u. As below, bit for bit: there,
+      # a target that is not p + u is 0, and 0 - p lands where -p does.
+      return select(beyond(stepped, bound), lax.neg(param), update)
   target = clip(stepped, lower, upper)
   delta = delta_to(param, target, lower, upper)
   return select(lax.eq(target, stepped), update, delta)

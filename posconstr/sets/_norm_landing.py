@@ -7,10 +7,12 @@ tolerance (2 n eps). So each coordinate is rounded with the norm in mind:
 
 * balls (``min_value == 0``): towards 0, so the norm can only shrink; always
   in the set;
-* shells (``min_value > 0``, ``rate == 1``): per slice, a mix of towards-0
-  and away-from-0 rounding whose norm lies in the set, found by bisection.
-  Best effort: a shell can be out of reach (``UnitNorm`` of one bfloat16
-  weight at 300 can only land on 0 or 2).
+* shells (``min_value > 0``, ``rate == 1``): nearest rounding where it
+  provably lands (every slice with ``|p| <= (n - 5) min_value``, as weights
+  that were on the shell one step ago are), else per slice a mix of
+  towards-0 and away-from-0 rounding whose norm lies in the set, found by
+  bisection. Best effort: a shell can be out of reach (``UnitNorm`` of one
+  bfloat16 weight at 300 can only land on 0 or 2).
 """
 
 from __future__ import annotations
@@ -104,12 +106,49 @@ def landing_update(param, update, constraint):
     inward = _inward_target(param, target)
     delta = (inward - param.astype(acc)).astype(param.dtype)
     return jnp.where(scale == 1, update, delta)
+  if constraint.static_rate != 1:  # The target need not be in the set.
+    return _nearest_landing(param, update, stepped, constraint)
+  # Nearest rounding lands every slice in the shell unless ``p`` is far out
+  # (see _near_enough): one reduction of ``p`` decides, and the bisection's
+  # passes over the leaf run only when some slice needs them.
+  return jax.lax.cond(
+      _near_enough(param, constraint),
+      lambda: _nearest_landing(param, update, stepped, constraint),
+      lambda: _nearest_landing(param, update, stepped, constraint, True))
+
+
+def _nearest_landing(param, update, stepped, constraint, shell=False):
+  """``update`` where the projection leaves ``p + u`` alone, else ``t - p``
+  rounded to nearest (``shell``: rounded per slice to land in the shell)."""
+  acc = base.accumulation_dtype(param.dtype)
   target = constraint.project_unrounded(stepped)
   unchanged = target == stepped.astype(acc)
   nearest = (target - param.astype(acc)).astype(param.dtype)
-  if constraint.static_rate == 1:  # Else the target need not be in the set.
+  if shell:
     nearest = _shell_rounding(param, target, nearest, constraint)
   return jnp.where(unchanged, update, nearest)
+
+
+def _near_enough(param, constraint):
+  """Whether every slice has ``|p| <= (n - 5) * min_value``, where nearest
+  rounding provably lands in the shell.
+
+  With unit roundoff ``u``, ``p + round(t - p)`` is within
+  ``u (|t - p| + |t|) <= u (|p| + 2 |t|)`` of ``t``; ``|t|`` itself (the
+  n-term norm behind the scale) and ``violation``'s own norm are each within
+  ``n u / 2`` relative. Their sum stays below the tolerance ``2 n eps =
+  4 n u`` of ``violation`` while ``|p| <= (3 n - 5) |t|`` (float32 and
+  float64; more room when the accumulation is wider than the leaf), so
+  ``n - 5`` leaves a margin. Slices of at most 5 coordinates always take the
+  bisection (it is cheap there).
+  """
+  axes = constraint.reduction_axes(param)
+  n = base.slice_size(param.shape, axes)
+  if n <= 5:
+    return jnp.zeros((), bool)
+  acc = base.accumulation_dtype(param.dtype)
+  sq = jnp.sum(jnp.square(param.astype(acc)), axis=axes)
+  return jnp.all(sq <= ((n - 5) * constraint.min_value) ** 2)
 
 
 def _shell_rounding(param, target, nearest, constraint, steps=8):

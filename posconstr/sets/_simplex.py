@@ -3,46 +3,67 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
-import numpy as np
+from jax import lax
 
 from posconstr.sets import _constraint as base
 
 
-def _to_last(x, axes):
-  """Moves ``axes`` to the end and merges them: returns (y, undo)."""
-  rest = [a for a in range(x.ndim) if a not in axes]
-  perm = rest + list(axes)
-  moved = jnp.transpose(x, perm)
-  merged = moved.reshape(moved.shape[:len(rest)] + (-1,))
-  inverse = tuple(int(i) for i in np.argsort(perm))
+def _threshold(w, scale, axes):
+  """Per slice (keepdims), the ``theta`` with ``sum(max(w - theta, 0)) =
+  scale``, for slices whose maximum is 0.
 
-  def undo(y):
-    return jnp.transpose(y.reshape(moved.shape), inverse)
-
-  return merged, undo
-
-
-def project_last_axis(v, scale):
-  """Sort-based simplex projection along the last axis.
-
-  Held, Wolfe and Crowder (1974); Duchi et al., "Efficient projections onto
-  the l1-ball for learning in high dimensions", ICML 2008, Fig. 1.
+  Newton's method on that convex, decreasing, piecewise-linear function,
+  i.e. Michelot's algorithm (1986): from ``theta = -scale`` (at or left of
+  the root, since the maximum alone gives ``f(-scale) >= 0``) each step sets
+  ``theta`` to ``(sum of w over w > theta - scale) / count``, which only
+  drops coordinates. A slice stops when its count stops falling (at most
+  ``n`` steps; rounding near the root could otherwise make it cycle). Each
+  step is one pass over ``w``, with no sort and no transpose.
   """
-  n = v.shape[-1]
+  def step(carry):
+    theta, count, _ = carry
+    above = w > theta
+    new_count = jnp.sum(above, axis=axes, keepdims=True, dtype=jnp.int32)
+    total = jnp.sum(jnp.where(above, w, 0), axis=axes, keepdims=True)
+    falling = new_count < count
+    # A NaN slice counts 0 and gets theta -inf; its output stays NaN.
+    theta = jnp.where(falling, (total - scale) / new_count.astype(w.dtype),
+                      theta)
+    return theta, jnp.where(falling, new_count, count), falling
+
+  shape = [1 if a in axes else size for a, size in enumerate(w.shape)]
+  n = base.slice_size(w.shape, axes)
+  start = (jnp.full(shape, -scale, w.dtype), jnp.full(shape, n + 1, jnp.int32),
+           jnp.ones(shape, bool))
+  return lax.while_loop(lambda carry: jnp.any(carry[2]), step, start)[0]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def project_slices(v, scale, axes):
+  """Projects every slice of ``v`` along ``axes`` onto the simplex of sum
+  ``scale``, in ``v``'s dtype."""
   # The projection commutes with shifts; shifting by the max keeps theta and
-  # the support small, so the sum stays exact to rounding when |v| >> scale.
-  v = v - jnp.max(v, axis=-1, keepdims=True)
-  mu = -jnp.sort(-v, axis=-1)  # descending
-  cumulative = jnp.cumsum(mu, axis=-1) - scale
-  ks = jnp.arange(1, n + 1, dtype=v.dtype)
-  support = mu - cumulative / ks > 0
-  rho = jnp.sum(support, axis=-1, keepdims=True)  # >= 1 for finite input
-  rho = jnp.maximum(rho, 1)
-  theta = (jnp.take_along_axis(cumulative, rho - 1, axis=-1)
-           / rho.astype(v.dtype))
-  return jnp.maximum(v - theta, 0)
+  # the support small, so the sums stay exact to rounding when |v| >> scale.
+  w = v - jnp.max(v, axis=axes, keepdims=True)
+  return jnp.maximum(w - _threshold(w, scale, axes), 0)
+
+
+@project_slices.defjvp
+def _project_slices_jvp(axes, primals, tangents):
+  # On the support S the output is v - theta with theta = (sum_S v - s)/|S|
+  # (the while loop has no reverse-mode derivative; this one is linear).
+  v, scale = primals
+  dv, dscale = tangents
+  y = project_slices(v, scale, axes)
+  support = y > 0
+  count = jnp.maximum(jnp.sum(support, axis=axes, keepdims=True), 1)
+  dtheta = (jnp.sum(jnp.where(support, dv, 0), axis=axes, keepdims=True)
+            - dscale) / count.astype(v.dtype)
+  return y, jnp.where(support, dv - dtheta, 0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -52,8 +73,14 @@ class Simplex(base.Constraint):
   .. math::
     \Delta_s = \{x : x \ge 0,\ \textstyle\sum_{i \in \text{axis}} x_i = s\}
 
-  The projection is the sort-based algorithm of Held et al. (1974) / Duchi
-  et al. (2008), :math:`O(n \log n)` per slice. Every slice along ``axis`` is
+  The projection finds the threshold :math:`\theta` of
+  :math:`x_i = \max(v_i - \theta, 0)` by Michelot's algorithm (Newton's
+  method on :math:`\sum_i \max(v_i - \theta, 0) = s`; Michelot 1986, Condat
+  2016): a few passes over the leaf, each :math:`O(n)`, with no sort and no
+  transpose (the sort-based method of Held et al. 1974 and Duchi et al. 2008
+  is :math:`O(n \log n)`). Each pass drops coordinates from the support, so
+  there are at most ``n`` of them; on random and trained weights a handful.
+  Every slice along ``axis`` is
   projected independently; ``axis=None`` projects the whole leaf as one
   vector and a tuple of axes treats those axes jointly. For a Flax ``Dense``
   kernel of shape ``(in, out)``, ``axis=0`` makes each output unit's incoming
@@ -108,8 +135,8 @@ class Simplex(base.Constraint):
     if x.size == 0:
       return x  # No coordinates to move (empty slices stay infeasible).
     acc = base.accumulation_dtype(x.dtype)
-    flat, undo = _to_last(x.astype(acc), axes)
-    return undo(project_last_axis(flat, self.scale)).astype(x.dtype)
+    scale = jnp.asarray(self.scale, acc)
+    return project_slices(x.astype(acc), scale, axes).astype(x.dtype)
 
   def active(self, x):
     return self._input(x, "active") <= 0

@@ -291,9 +291,11 @@ def minimize(fun: Callable[..., jax.Array], x0, lower=None, upper=None, *,
     stall_iters: iterations without measurable progress after which the
       solve stops (see above).
     group_leaves: solve on one vector per dtype (the leaves of each dtype
-      concatenated), so the program and its compile time do not grow with
-      the number of leaves; False keeps the leaves apart (for parameters
-      sharded across devices, which concatenation would gather).
+      concatenated), so the solver's own operations do not grow with the
+      number of leaves (``fun`` and its gradient, inlined at each of the
+      search's evaluation sites, still do); False keeps the leaves apart
+      (for parameters sharded across devices, which concatenation would
+      gather).
     nonmonotone: the weight ``eta`` in ``[0, 1]`` of past values in the
       reference of the decrease test (0: monotone). With ``eta > 0``,
       ``value`` never exceeds ``fun(x0)`` but may exceed the lowest value

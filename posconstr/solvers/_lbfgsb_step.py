@@ -173,11 +173,17 @@ def start(x, value, grad, lower, upper, settings: Settings, *,
 
 
 def arrive(state: SolverState, x, value, grad, accepted, num_evals, lower,
-           upper, settings: Settings, *, has_value: bool = True
-           ) -> SolverState:
-  """Takes in the new point (where ``accepted``; else a failed step)."""
+           upper, settings: Settings, *, has_value: bool = True,
+           y=None) -> SolverState:
+  """Takes in the new point (where ``accepted``; else a failed step).
+
+  ``y``: the gradient change of the curvature pair, when it is not
+  ``grad - state.g`` (multi-batch L-BFGS measures it on the overlap of two
+  mini-batches, see :func:`posconstr.lbfgsb`).
+  """
   s = jax.tree.map(jnp.subtract, x, state.x)
-  y = jax.tree.map(jnp.subtract, grad, state.g)
+  if y is None:
+    y = jax.tree.map(jnp.subtract, grad, state.g)
   memory = core.reset_memory(
       core.push_pair(state.memory, s, y, keep=accepted), where=~accepted)
   x = core.tree_where(accepted, x, state.x)

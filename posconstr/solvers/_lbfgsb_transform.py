@@ -72,19 +72,44 @@ def _all_equal(a, b) -> jax.Array:
   return jnp.all(jnp.stack(parts)) if parts else jnp.ones((), bool)
 
 
+def _dtype_of(tree):
+  return jnp.result_type(*jax.tree.leaves(tree))
+
+
+def _landed(x, target, step) -> jax.Array:
+  """Whether ``x`` is ``target`` up to the rounding of landing on it.
+
+  ``optax.apply_updates`` adds ``target - params`` to ``params``: two
+  roundings, each within ``eps`` of ``|target|`` or of the step. Where no
+  float update lands exactly (a step much longer than the target), the
+  params end a few ulps off; they are still the point the last update moved
+  to, and must not restart the iteration (which forgets the memory).
+  """
+  def close(a, t, d):
+    eps = jnp.finfo(t.dtype).eps
+    return jnp.all(jnp.abs(a - t) <= 4 * eps * (jnp.abs(t) + jnp.abs(d)))
+
+  parts = [close(a, t, d) for a, t, d in zip(
+      jax.tree.leaves(x), jax.tree.leaves(target), jax.tree.leaves(step))]
+  return jnp.all(jnp.stack(parts)) if parts else jnp.ones((), bool)
+
+
 def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
            memory_size: int = 10, lower=None, upper=None, *,
            max_linesearch_steps: int = 20, eps_active: float = 1e-3,
            tol: float = 1e-8, atol: float = 0.0, ftol: float = 1e-9,
            stall_iters: int = 15, nonmonotone: float = 0.3,
-           group_leaves: bool = True) -> optax.GradientTransformationExtraArgs:
+           group_leaves: bool = True, min_overlap_curvature: float = 1e-2
+           ) -> optax.GradientTransformationExtraArgs:
   r"""Bounded L-BFGS in the style of ``optax.lbfgs``.
 
   Each update takes one iteration of :func:`posconstr.minimize` (the same
   code: direction, search along the projected path, curvature memory and
-  stopping tests) and returns the update that lands *exactly* on the new
-  point: ``optax.apply_updates`` gives parameters within ``[lower, upper]``
-  bit for bit. Clipping after ``optax.lbfgs`` instead stalls or diverges,
+  stopping tests) and returns the update that lands on the new point:
+  ``optax.apply_updates`` gives parameters within ``[lower, upper]`` bit for
+  bit, and the new point itself up to the rounding of ``params + update``
+  where no float update hits it exactly (which does not restart the
+  iteration). Clipping after ``optax.lbfgs`` instead stalls or diverges,
   because the curvature pairs and the line search then see points that are
   not the iterates.
 
@@ -94,11 +119,11 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
   evaluated inside the bounds. Use ``optax.value_and_grad_from_state`` to
   reuse the value and gradient the search already computed. Params that
   are not where the last update put them (the first update, infeasible
-  params, params changed by hand) restart the iteration there, and are
-  evaluated again if they had to be projected, so the state never holds the
-  value of an unprojected point. A ``value`` or ``grad`` that differs from
-  the stored one at the same point (a new mini-batch) replaces it, keeping
-  the curvature memory.
+  params, params changed by hand by more than rounding) restart the
+  iteration there, and are evaluated again if they had to be projected, so
+  the state never holds the value of an unprojected point. A ``value`` or
+  ``grad`` that differs from the stored one at the same point (a new
+  mini-batch) replaces it, keeping the curvature memory.
 
   Once the stopping test holds (``state.status`` is no longer ``RUNNING``)
   the updates are zero and no evaluation is made. A NaN value or gradient
@@ -113,9 +138,30 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
   :func:`posconstr.minimize`, it gives a unit step along its sign, which
   the search checks).
 
-  Only full-batch (deterministic) objectives are supported in the sense of
-  a convergence guarantee. Stochastic (mini-batch) L-BFGS with bounds has no
-  established convergence theory, and posconstr does not claim one.
+  **Mini-batches** (measured in ``examples/stochastic_lbfgs.py`` and the
+  README section "Stochastic (mini-batch) L-BFGS with bounds"; there is no
+  convergence guarantee). The curvature pair must see *one* batch at both
+  points. With the line search it does: call ``update`` with the new
+  batch's value and gradient and a ``value_fn`` of that batch; the search
+  and the pair then use it (about two evaluations per step). With a fixed
+  ``learning_rate`` the pair would mix two batches,
+  ``y = g_{B_{k+1}}(x_{k+1}) - g_{B_k}(x_k)``, whose difference is mostly
+  sampling noise: that diverges. Pass ``overlap_grads`` instead, the
+  multi-batch L-BFGS of Berahas, Nocedal & Takac (NeurIPS 2016):
+  consecutive batches ``S_k``, ``S_{k+1}`` share examples ``O_k``; the step
+  uses the gradient on ``S_{k+1}`` and the pair
+
+  .. math::
+    s_k = x_{k+1} - x_k, \qquad
+    y_k = \nabla f_{O_k}(x_{k+1}) - \nabla f_{O_k}(x_k),
+
+  skipped when :math:`s_k^\top y_k \le \epsilon \|s_k\|^2`
+  (``min_overlap_curvature``; without the skip a pair of little curvature
+  makes a long step now and then, which no search rejects). Both overlap
+  gradients are parts of the two batch gradients, so they cost no extra
+  evaluation. With a fixed step on mini-batches, set ``stall_iters`` large:
+  a noisy projected gradient stops improving on its best and would stop
+  the iteration.
 
   Args:
     learning_rate: None for the line search, or a fixed step size or
@@ -128,10 +174,18 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
       be held by the active set.
     tol, atol, ftol, stall_iters, nonmonotone: the stopping tests and the
       search, as in :func:`posconstr.minimize`.
+    min_overlap_curvature: :math:`\epsilon` of the skip test of pairs given
+      by ``overlap_grads`` (in units of the curvature of the loss).
     group_leaves: iterate on one vector per dtype (the leaves of each dtype
-      concatenated), so the update's program and compile time do not grow
-      with the number of leaves; False keeps the leaves apart (parameters
-      sharded across devices, which concatenation would gather).
+      concatenated), so the solver's own operations do not grow with the
+      number of leaves (``value_fn`` and its gradient, inlined at each of
+      the search's evaluation sites, still do); False keeps the leaves
+      apart (parameters sharded across devices, which concatenation would
+      gather).
+
+  ``update`` takes ``overlap_grads=(g_old, g_new)`` (fixed
+  ``learning_rate`` only): the gradients on the overlap ``O_k`` at the
+  params of the previous update and at these params, shaped like them.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`LbfgsbState`.
@@ -160,7 +214,8 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
       ("max_linesearch_steps", max_linesearch_steps),
       ("stall_iters", stall_iters)),
       reals=(("eps_active", eps_active), ("tol", tol), ("atol", atol),
-             ("ftol", ftol), ("nonmonotone", nonmonotone)))
+             ("ftol", ftol), ("nonmonotone", nonmonotone),
+             ("min_overlap_curvature", min_overlap_curvature)))
   if _constraint.is_concrete(nonmonotone) and not nonmonotone <= 1:
     raise ValueError(f"lbfgsb: `nonmonotone` must be in [0, 1], got "
                      f"{nonmonotone!r}.")
@@ -203,10 +258,13 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
                        jax.tree.map(jnp.zeros_like, params), solver, info)
 
   def update_fn(updates, state, params=None, *, value=None,
-                grad=None, value_fn: Optional[Callable] = None, **extra_args):
+                grad=None, value_fn: Optional[Callable] = None,
+                overlap_grads=None, **extra_args):
     if params is None:
       raise ValueError("lbfgsb needs the current parameters: call "
                        "`opt.update(grad, state, params, ...)`.")
+    if overlap_grads is not None:
+      _check_overlap_grads(overlap_grads, params)
     if not fixed and (value is None or value_fn is None):
       raise ValueError("lbfgsb with a line search needs `value=` and "
                        "`value_fn=` in `update` (as optax.lbfgs); or give "
@@ -216,13 +274,31 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
       hash(value_fn)
     except TypeError:  # Cannot key the cache: run it as it is.
       return update(value_fn, updates, state, params, value, grad,
-                    extra_args)
+                    overlap_grads, extra_args)
     # Compiled once per value_fn (and shapes): eager loops stay cheap, and
     # under the caller's jit this inlines.
     return update_jit(value_fn, updates, state, params, value, grad,
-                      extra_args)
+                      overlap_grads, extra_args)
 
-  def update(value_fn, updates, state, params, value, grad, extra_args):
+  def _check_overlap_grads(overlap_grads, params):
+    if not fixed:
+      raise ValueError("lbfgsb: `overlap_grads` (multi-batch curvature "
+                       "pairs) needs a fixed `learning_rate`; with a line "
+                       "search the pair is already measured on one batch.")
+    if not (isinstance(overlap_grads, (tuple, list))
+            and len(overlap_grads) == 2):
+      raise TypeError("lbfgsb: `overlap_grads` must be a pair (gradient at "
+                      "the previous params, gradient at these params), got "
+                      f"{type(overlap_grads).__name__}.")
+    want = jax.tree.structure(params)
+    for name, tree in zip(("previous", "current"), overlap_grads):
+      if jax.tree.structure(tree) != want:
+        raise ValueError(f"lbfgsb: the {name} gradient in `overlap_grads` "
+                         f"has structure {jax.tree.structure(tree)}; the "
+                         f"params have {want}.")
+
+  def update(value_fn, updates, state, params, value, grad, overlap_grads,
+             extra_args):
     lo, hi = _lbfgsb.prepare_bounds(params, lower, upper, "lbfgsb")
     lay = groups.layout(params, grouped=bool(group_leaves))
     flat = lambda tree: groups.flatten(tree, lay)  # noqa: E731
@@ -236,8 +312,21 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
     x = core.clip(params_g, lo_g, hi_g)
     solver = state.solver
     if fixed:
+      y = None
+      if overlap_grads is not None:  # The pair sees the overlap only.
+        old, new = (flat(jax.tree.map(
+            lambda gi, p: jnp.asarray(gi).astype(jnp.result_type(p)), t,
+            params)) for t in overlap_grads)
+        y = jax.tree.map(jnp.subtract, new, old)
+        # Berahas et al.'s skip: an overlap pair with little curvature
+        # along s makes a long step that a fixed step cannot reject.
+        s = jax.tree.map(jnp.subtract, x, solver.x)
+        flat_enough = core.tree_vdot(s, y) <= (
+            jnp.asarray(min_overlap_curvature, _dtype_of(s))
+            * core.tree_vdot(s, s))
+        y = jax.tree.map(lambda v: jnp.where(flat_enough, 0, v), y)
       solver, evals = _take_gradient(solver, x, params_g, g, state.count,
-                                     lo_g, hi_g)
+                                     lo_g, hi_g, y)
       moved = core.clip(core.tree_axpy(step_size(state.count),
                                        solver.direction, x), lo_g, hi_g)
       new_x = core.tree_where(solver.status == step_lib.Status.RUNNING,
@@ -282,7 +371,9 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
   def _take_value(solver, x, params, value, g, count, value_and_grad, lo, hi):
     """The solver state at ``x``, given the caller's value and gradient."""
     value = jnp.asarray(value).astype(solver.f.dtype)
-    same_point = (count > 0) & _all_equal(x, solver.x)
+    # The last step, to size the rounding of the landing (its pair's s).
+    last_step = jax.tree.map(lambda s: s[0], solver.memory.s)
+    same_point = (count > 0) & _landed(x, solver.x, last_step)
     same_data = (value == solver.f) & _all_equal(g, solver.g)
     feasible = _all_equal(x, params)
 
@@ -302,8 +393,10 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
                         lambda s: (s, jnp.zeros((), jnp.int32)), refresh,
                         solver)
 
-  def _take_gradient(solver, x, params, g, count, lo, hi):
+  def _take_gradient(solver, x, params, g, count, lo, hi, y=None):
     """Fixed step: the gradient at ``x`` completes the last step's pair.
+
+    ``y`` replaces ``g - solver.g`` as the pair's gradient change.
 
     Infeasible params have a gradient that is not ``x``'s and nothing to
     evaluate with: this update only projects them (direction 0).
@@ -314,12 +407,13 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
         core.clip(core.tree_axpy(step_size(jnp.maximum(count - 1, 0)),
                                  solver.direction, solver.x), lo, hi),
         solver.x)
-    continues = (count > 0) & _all_equal(x, last)
+    continues = (count > 0) & _landed(
+        x, last, jax.tree.map(jnp.subtract, last, solver.x))
     inf = jnp.full((), jnp.inf, solver.f.dtype)
     solver = jax.lax.cond(
         continues,
         lambda s: step_lib.arrive(s, x, inf, g, jnp.ones((), bool), 0, lo,
-                                  hi, settings, has_value=False),
+                                  hi, settings, has_value=False, y=y),
         lambda s: step_lib.restart(s, x, inf, g, lo, hi, settings,
                                    has_value=False), solver)
     solver = jax.lax.cond(
