@@ -45,10 +45,10 @@ from posconstr.sets._simplex import Simplex
 from posconstr.solvers._lbfgsb import LbfgsbResult
 from posconstr.solvers._lbfgsb import minimize
 from posconstr.solvers._lbfgsb_core import Memory as LbfgsbMemory
+from posconstr.solvers._lbfgsb_state import LbfgsbInfo
+from posconstr.solvers._lbfgsb_state import LbfgsbState
 from posconstr.solvers._lbfgsb_step import SolverState as LbfgsbSolverState
 from posconstr.solvers._lbfgsb_step import Status
-from posconstr.solvers._lbfgsb_transform import LbfgsbInfo
-from posconstr.solvers._lbfgsb_transform import LbfgsbState
 from posconstr.solvers._lbfgsb_transform import lbfgsb
 from posconstr.solvers._quadratic import QPResult
 from posconstr.solvers._quadratic import box_qp

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,85 +13,11 @@ from posconstr.sets import _landing
 from posconstr.solvers import _dtype_groups as groups
 from posconstr.solvers import _lbfgsb
 from posconstr.solvers import _lbfgsb_core as core
+from posconstr.solvers import _lbfgsb_state as state_lib
 from posconstr.solvers import _lbfgsb_step as step_lib
 
-
-class LbfgsbInfo(NamedTuple):
-  """Diagnostics of the last update.
-
-  Attributes:
-    num_fun_evals: evaluations of ``value_fn`` in the last update.
-    linesearch_accepted: whether the last update's search found a step
-      (always True with a fixed ``learning_rate``).
-    projected_grad_norm: ``||x - P(x - grad)||_inf`` at the point the last
-      update moved to (with a fixed ``learning_rate``: at the params it was
-      given, whose gradient it had).
-  """
-
-  num_fun_evals: jax.Array
-  linesearch_accepted: jax.Array
-  projected_grad_norm: jax.Array
-
-
-class LbfgsbState(NamedTuple):
-  """State of :func:`lbfgsb`.
-
-  ``value`` and ``grad`` (shaped like the params) are those of the point the
-  last update moved to (within the bounds), so
-  ``optax.value_and_grad_from_state`` reuses them instead of evaluating the
-  function again; before the first update, and with a fixed learning rate,
-  ``value`` is ``inf`` and they are recomputed. ``solver`` is the state of
-  the bounded L-BFGS iteration shared with :func:`posconstr.minimize` (on
-  the dtype groups of the params, see ``group_leaves``). ``status`` (a
-  :class:`posconstr.Status`) is ``RUNNING`` until the stopping test of
-  :func:`posconstr.minimize` holds; from then on updates are zero and cost
-  no evaluation.
-  """
-
-  count: jax.Array
-  value: jax.Array
-  grad: Any
-  solver: step_lib.SolverState
-  info: LbfgsbInfo
-
-  @property
-  def status(self) -> jax.Array:
-    """The solver's status, a :class:`posconstr.Status` code."""
-    return self.solver.status
-
-
-def _strong(tree):
-  """Leaves as strongly typed arrays (the state's types must not drift)."""
-  return jax.tree.map(lambda v: jnp.asarray(v).astype(jnp.asarray(v).dtype),
-                      tree)
-
-
-def _all_equal(a, b) -> jax.Array:
-  parts = [jnp.all(x == y) for x, y in zip(jax.tree.leaves(a),
-                                          jax.tree.leaves(b))]
-  return jnp.all(jnp.stack(parts)) if parts else jnp.ones((), bool)
-
-
-def _dtype_of(tree):
-  return jnp.result_type(*jax.tree.leaves(tree))
-
-
-def _landed(x, target, step) -> jax.Array:
-  """Whether ``x`` is ``target`` up to the rounding of landing on it.
-
-  ``optax.apply_updates`` adds ``target - params`` to ``params``: two
-  roundings, each within ``eps`` of ``|target|`` or of the step. Where no
-  float update lands exactly (a step much longer than the target), the
-  params end a few ulps off; they are still the point the last update moved
-  to, and must not restart the iteration (which forgets the memory).
-  """
-  def close(a, t, d):
-    eps = jnp.finfo(t.dtype).eps
-    return jnp.all(jnp.abs(a - t) <= 4 * eps * (jnp.abs(t) + jnp.abs(d)))
-
-  parts = [close(a, t, d) for a, t, d in zip(
-      jax.tree.leaves(x), jax.tree.leaves(target), jax.tree.leaves(step))]
-  return jnp.all(jnp.stack(parts)) if parts else jnp.ones((), bool)
+LbfgsbInfo = state_lib.LbfgsbInfo
+LbfgsbState = state_lib.LbfgsbState
 
 
 def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
@@ -245,7 +171,7 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
 
   def init_fn(params):
     _lbfgsb.prepare_bounds(params, lower, upper, "lbfgsb")  # Validate now.
-    params = _strong(params)
+    params = state_lib.strong(params)
     leaves = jax.tree.leaves(params)
     # The dtype of `value`: the widest leaf's, as a strong type (a weakly
     # typed float64 leaf must not give float32), as optax.lbfgs does.
@@ -308,7 +234,7 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
     g = jax.tree.map(lambda gi, p: jnp.asarray(gi).astype(jnp.result_type(p)),
                      g, params)
     g = flat(g)
-    params_g = flat(_strong(params))
+    params_g = flat(state_lib.strong(params))
     x = core.clip(params_g, lo_g, hi_g)
     solver = state.solver
     if fixed:
@@ -322,7 +248,7 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
         # along s makes a long step that a fixed step cannot reject.
         s = jax.tree.map(jnp.subtract, x, solver.x)
         flat_enough = core.tree_vdot(s, y) <= (
-            jnp.asarray(min_overlap_curvature, _dtype_of(s))
+            jnp.asarray(min_overlap_curvature, state_lib.dtype_of(s))
             * core.tree_vdot(s, s))
         y = jax.tree.map(lambda v: jnp.where(flat_enough, 0, v), y)
       solver, evals = _take_gradient(solver, x, params_g, g, state.count,
@@ -373,9 +299,9 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
     value = jnp.asarray(value).astype(solver.f.dtype)
     # The last step, to size the rounding of the landing (its pair's s).
     last_step = jax.tree.map(lambda s: s[0], solver.memory.s)
-    same_point = (count > 0) & _landed(x, solver.x, last_step)
-    same_data = (value == solver.f) & _all_equal(g, solver.g)
-    feasible = _all_equal(x, params)
+    same_point = (count > 0) & state_lib.landed(x, solver.x, last_step)
+    same_data = (value == solver.f) & state_lib.all_equal(g, solver.g)
+    feasible = state_lib.all_equal(x, params)
 
     def refresh(s):
       # Infeasible params: their value and gradient are not those of x.
@@ -407,7 +333,7 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
         core.clip(core.tree_axpy(step_size(jnp.maximum(count - 1, 0)),
                                  solver.direction, solver.x), lo, hi),
         solver.x)
-    continues = (count > 0) & _landed(
+    continues = (count > 0) & state_lib.landed(
         x, last, jax.tree.map(jnp.subtract, last, solver.x))
     inf = jnp.full((), jnp.inf, solver.f.dtype)
     solver = jax.lax.cond(
@@ -417,7 +343,7 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
         lambda s: step_lib.restart(s, x, inf, g, lo, hi, settings,
                                    has_value=False), solver)
     solver = jax.lax.cond(
-        _all_equal(x, params), lambda s: s,
+        state_lib.all_equal(x, params), lambda s: s,
         lambda s: s._replace(
             direction=jax.tree.map(jnp.zeros_like, s.direction),
             pg_best=jnp.full_like(s.pg_best, jnp.inf),
