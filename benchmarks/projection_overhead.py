@@ -277,45 +277,16 @@ def readme_table(payload) -> str:
        "bytes"], rows)
 
 
-# --scale: the sets that are not elementwise, at 100M parameters (four
-# 5000x5000 kernels), optimizer update alone; a README table of its own.
-SCALE = {"sizes": "100M", "depth": 4, "mode": "update"}
-SCALE_ROWS = {
-    "`project_nonneg()`": "nonneg(all)",
-    '`projected(adam, NonNegative(), mask="*/kernel")`': "projected(kernel)",
-    "`project(MaxNorm(2, axis=0))`": "maxnorm(kernel)",
-    "`project_params(MaxNorm(2, axis=0))` after `apply_updates`":
-        "maxnorm(kernel) post",
-    "`project(UnitNorm(axis=0))`": "unitnorm(kernel)",
-    "`project(MinMaxNorm(0.5, 2, axis=0))`": "minmaxnorm(kernel)",
-    "`project_params(UnitNorm(axis=0))` after `apply_updates`":
-        "unitnorm(kernel) post",
-    "`project(Simplex(axis=0))`": "simplex(kernel)",
-    "`project_params(Simplex(axis=0))` after `apply_updates`":
-        "simplex(kernel) post",
-}
-
-
-def scale_table(payload) -> str:
-  """Per variant: step time, paired ratio to Adam, bytes, XLA scratch."""
-  (res,) = payload["results"]
-  base = res["variants"][BASELINE]
-  rows = [["Adam alone", f"{base['median_s'] * 1e3:.0f} ms", "1.00x",
-           "1.00x", _timing.fmt_bytes(base["temp_bytes"])]]
-  for label, name in SCALE_ROWS.items():
-    v = res["variants"][name]
-    rows.append([label, f"{v['median_s'] * 1e3:.0f} ms",
-                 f"{v['paired_ratio']['median']:.2f}x",
-                 f"{v['bytes_ratio']:.2f}x", _timing.fmt_bytes(v["temp_bytes"])])
-  return _timing.markdown_table(
-      ["after Adam", "step", "time ratio", "bytes ratio", "XLA scratch"], rows)
-
-
-def main(argv=None) -> int:
+def main(argv=None, name: str = "projection_overhead",
+         sizes: tuple[str, str] = ("0.2M,3M,12M,40M", "0.2M"),
+         **defaults) -> int:
+  """Runs the benchmark; ``name`` names its results, ``sizes`` are the
+  default sizes (full, ``--quick``) and ``defaults`` the other options'
+  defaults (``benchmarks.projection_scale`` presets them)."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--sizes", default=None,
-                  help="comma-separated parameter counts (default "
-                       "0.2M,3M,12M,40M; --quick: 0.2M).")
+                  help=f"comma-separated parameter counts (default "
+                       f"{sizes[0]}; --quick: {sizes[1]}).")
   ap.add_argument("--mode", choices=("train", "update", "both"),
                   default="train",
                   help="time the full train step, the optimizer update "
@@ -325,25 +296,15 @@ def main(argv=None) -> int:
   ap.add_argument("--variants", default=None,
                   help="comma-separated subset of: "
                        + ", ".join(variant_specs()))
-  ap.add_argument("--scale", action="store_true",
-                  help="the non-elementwise sets at 100M parameters (update "
-                       "mode, depth 4; summary projection_scale.json).")
-  name = "projection_scale" if "--scale" in (argv or sys.argv) else (
-      "projection_overhead")
+  ap.set_defaults(**defaults)
   args = _timing.parse_args(ap, argv, name, repeats=40,
                             min_repeats=15, warmup=1,
                             quick={"repeats": 8, "min_repeats": 5})
-  if args.scale:
-    args.mode, args.depth = SCALE["mode"], SCALE["depth"]
-    args.sizes = args.sizes or ("3M" if args.quick else SCALE["sizes"])
-    args.variants = args.variants or ",".join(
-        [BASELINE, *SCALE_ROWS.values()])
   names = _timing.select_variants(ap, args.variants, list(variant_specs()),
                                   BASELINE)
-  sizes = (args.sizes or ("0.2M" if args.quick else "0.2M,3M,12M,40M"))
   report = _timing.Report(name, args)
   for mode in ["train", "update"] if args.mode == "both" else [args.mode]:
-    for size in sizes.split(","):
+    for size in (args.sizes or sizes[args.quick]).split(","):
       t0 = time.perf_counter()
       res = run_size(parse_size(size), mode, names, args)
       res["wall_s"] = time.perf_counter() - t0

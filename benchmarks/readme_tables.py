@@ -67,10 +67,7 @@ RENDERERS: Dict[str, Tuple[str, Callable[[dict], str]]] = {
                             _script("projection_overhead")),
     "reparam_overhead": ("reparam_overhead.json", _script("reparam_overhead")),
     "compile_cost": ("compile_cost.json", _script("compile_cost")),
-    "projection_scale": ("projection_scale.json",
-                         lambda payload: importlib.import_module(
-                             "benchmarks.projection_overhead").scale_table(
-                                 payload)),
+    "projection_scale": ("projection_scale.json", _script("projection_scale")),
     "exponentiated_gradient": ("exponentiated_gradient.json",
                                _script("exponentiated_gradient")),
 }
