@@ -207,6 +207,8 @@ def readme_table(payload) -> str:
   def cell(row):
     if row is None:
       return "-"
+    if row["status"].startswith("killed at"):  # Says its memory.
+      return row["status"]
     if row["status"] != "ok":
       return f"{row['status']} ({row['peak_rss_gb']:.1f} GB)"
     total = sum(row[f"{stage}_cpu_s"] for stage in STAGES)

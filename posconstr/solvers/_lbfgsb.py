@@ -292,8 +292,8 @@ def minimize(fun: Callable[..., jax.Array], x0, lower=None, upper=None, *,
       solve stops (see above).
     group_leaves: solve on one vector per dtype (the leaves of each dtype
       concatenated), so the solver's own operations do not grow with the
-      number of leaves (``fun`` and its gradient, inlined at each of the
-      search's evaluation sites, still do); False keeps the leaves apart
+      number of leaves (``fun`` and its gradient, inlined twice, at
+      ``x0`` and in the search, still do); False keeps the leaves apart
       (for parameters sharded across devices, which concatenation would
       gather).
     nonmonotone: the weight ``eta`` in ``[0, 1]`` of past values in the

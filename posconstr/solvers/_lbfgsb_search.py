@@ -243,12 +243,16 @@ def projected_search(value_and_grad, x, value, g, d, lower, upper, *,
   first = jnp.where(first_to_vertex & jnp.isfinite(t_max) & (t_max > 0),
                     t_max, jnp.asarray(initial_step, dtype))
   origin = _End(jnp.zeros((), dtype), f0, slope0)
+  # ``moves`` starts True: the first trial is always evaluated, even where
+  # ``slope0`` says the path does not descend (it decides from the trial).
   start = Carry(origin, _End(jnp.full((), jnp.inf, dtype), f0, slope0),
                 origin, (x, value, g), jnp.zeros((), jnp.int32),
-                jnp.zeros((), bool), jnp.zeros((), bool), noise0, slope0 < 0)
-  # The first trial outside the loop: it usually ends the search, and under
-  # vmap the loop is then not entered at all.
-  c = jax.lax.while_loop(cond, lambda c: update(c, next_trial(c)),
-                         update(start, first))
+                jnp.zeros((), bool), jnp.zeros((), bool), noise0,
+                jnp.ones((), bool))
+  # The first trial inside the loop too: f is then inlined at one place in
+  # the program, not two (its compile time grows with f's leaves).
+  c = jax.lax.while_loop(
+      cond, lambda c: update(c, jnp.where(c.n == 0, first, next_trial(c))),
+      start)
   xt, ft, gt = c.best
   return SearchResult(xt, ft, gt, c.accepted, c.n)

@@ -44,10 +44,13 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
   ``value_fn``), exactly like ``optax.lbfgs``; the function is only
   evaluated inside the bounds. Use ``optax.value_and_grad_from_state`` to
   reuse the value and gradient the search already computed. Params that
-  are not where the last update put them (the first update, infeasible
-  params, params changed by hand by more than rounding) restart the
-  iteration there, and are evaluated again if they had to be projected, so
-  the state never holds the value of an unprojected point. A ``value`` or
+  are not where the last update put them (the first update, params changed
+  by hand by more than rounding) restart the iteration there. Params
+  outside the bounds are only projected by that update (no evaluation, a
+  zero-length iteration, ``state.value`` inf so that
+  ``value_and_grad_from_state`` evaluates the projected point next): the
+  state never holds the value of an unprojected point, and ``value_fn`` is
+  inlined at one place in the program, the search. A ``value`` or
   ``grad`` that differs from the stored one at the same point (a new
   mini-batch) replaces it, keeping the curvature memory.
 
@@ -104,8 +107,8 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
       by ``overlap_grads`` (in units of the curvature of the loss).
     group_leaves: iterate on one vector per dtype (the leaves of each dtype
       concatenated), so the solver's own operations do not grow with the
-      number of leaves (``value_fn`` and its gradient, inlined at each of
-      the search's evaluation sites, still do); False keeps the leaves
+      number of leaves (``value_fn`` and its gradient, inlined once, in
+      the search, still do); False keeps the leaves
       apart (parameters sharded across devices, which concatenation would
       gather).
 
@@ -261,20 +264,27 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
     else:
       value_and_grad = jax.value_and_grad(
           lambda p: value_fn(groups.unflatten(p, lay), **extra_args))
-      solver, evals = _take_value(solver, x, params_g, value, g, state.count,
-                                  value_and_grad, lo_g, hi_g)
+      # Infeasible params: their value and gradient are not those of x, so
+      # this update only projects them (the search, the one place f is
+      # inlined, is skipped), as a fixed step does; the next update brings
+      # the value and gradient at x.
+      feasible = state_lib.all_equal(x, params_g)
+      solver = _take_value(solver, x, value, g, state.count, feasible,
+                           lo_g, hi_g)
       before = solver.num_fun_evals
       solver, accepted = jax.lax.cond(
-          solver.status == step_lib.Status.RUNNING,
+          feasible & (solver.status == step_lib.Status.RUNNING),
           lambda s: step_lib.advance(s, value_and_grad, lo_g, hi_g, settings),
           lambda s: (s, jnp.ones((), bool)), solver)
-      evals = evals + solver.num_fun_evals - before
-      new_x = solver.x
+      evals = solver.num_fun_evals - before
+      new_x = core.tree_where(feasible, solver.x, x)
     deltas = jax.tree.map(_landing.delta_to, params,
                           groups.unflatten(new_x, lay), lo, hi)
     # A NaN value or gradient is made visible, as optax.lbfgs does; so is
     # an infinite gradient in a fixed step, which no evaluation can check.
     nonfinite = solver.status == step_lib.Status.NONFINITE
+    if not fixed:
+      nonfinite &= feasible  # A projecting update evaluated nothing.
     if fixed:
       nonfinite |= ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(v))
                                        for v in jax.tree.leaves(g)]))
@@ -284,40 +294,33 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
     deltas = jax.tree.map(
         lambda u: jnp.where(nonfinite, jnp.full((), jnp.nan, u.dtype), u),
         deltas)
-    info = LbfgsbInfo(evals.astype(jnp.int32), accepted,
-                      solver.projected_grad_norm)
-    # With a fixed step the state's value and gradient are of the point
-    # before the move: inf makes value_and_grad_from_state recompute them.
-    value_out = (jnp.full_like(solver.f, jnp.inf) if fixed else solver.f)
+    pg_norm = solver.projected_grad_norm
+    # With a fixed step (or a projecting update) the state's value and
+    # gradient are not of the new point: inf makes
+    # value_and_grad_from_state recompute them.
+    value_out = jnp.full_like(solver.f, jnp.inf)
+    if not fixed:
+      value_out = jnp.where(feasible, solver.f, value_out)
+      pg_norm = jnp.where(feasible, pg_norm, jnp.full_like(pg_norm, jnp.inf))
+    info = LbfgsbInfo(evals.astype(jnp.int32), accepted, pg_norm)
     return deltas, LbfgsbState(state.count + 1, value_out,
                                groups.unflatten(solver.g, lay), solver, info)
 
   update_jit = jax.jit(update, static_argnums=0)
 
-  def _take_value(solver, x, params, value, g, count, value_and_grad, lo, hi):
-    """The solver state at ``x``, given the caller's value and gradient."""
+  def _take_value(solver, x, value, g, count, feasible, lo, hi):
+    """The solver state at ``x``, given the caller's value and gradient
+    there (unchanged where the params were infeasible: ``x`` is not theirs).
+    """
     value = jnp.asarray(value).astype(solver.f.dtype)
     # The last step, to size the rounding of the landing (its pair's s).
     last_step = jax.tree.map(lambda s: s[0], solver.memory.s)
     same_point = (count > 0) & state_lib.landed(x, solver.x, last_step)
     same_data = (value == solver.f) & state_lib.all_equal(g, solver.g)
-    feasible = state_lib.all_equal(x, params)
-
-    def refresh(s):
-      # Infeasible params: their value and gradient are not those of x.
-      def evaluate():
-        f, gx = value_and_grad(x)
-        return (jnp.asarray(f).astype(value.dtype),
-                jax.tree.map(lambda a, b: a.astype(b.dtype), gx, g))
-
-      f, gx = jax.lax.cond(feasible, lambda: (value, g), evaluate)
-      evals = jnp.where(feasible, 0, 1).astype(jnp.int32)
-      return step_lib.restart(s, x, f, gx, lo, hi, settings,
-                              keep_memory=same_point, num_evals=evals), evals
-
-    return jax.lax.cond(same_point & same_data,
-                        lambda s: (s, jnp.zeros((), jnp.int32)), refresh,
-                        solver)
+    return jax.lax.cond(
+        ~feasible | (same_point & same_data), lambda s: s,
+        lambda s: step_lib.restart(s, x, value, g, lo, hi, settings,
+                                   keep_memory=same_point), solver)
 
   def _take_gradient(solver, x, params, g, count, lo, hi, y=None):
     """Fixed step: the gradient at ``x`` completes the last step's pair.
