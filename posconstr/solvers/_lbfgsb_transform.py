@@ -108,9 +108,8 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
     group_leaves: iterate on one vector per dtype (the leaves of each dtype
       concatenated), so the solver's own operations do not grow with the
       number of leaves (``value_fn`` and its gradient, inlined once, in
-      the search, still do); False keeps the leaves
-      apart (parameters sharded across devices, which concatenation would
-      gather).
+      the search, still do); False keeps the leaves apart (parameters
+      sharded across devices, which concatenation would gather).
 
   ``update`` takes ``overlap_grads=(g_old, g_new)`` (fixed
   ``learning_rate`` only): the gradients on the overlap ``O_k`` at the
@@ -285,7 +284,7 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
     nonfinite = solver.status == step_lib.Status.NONFINITE
     if not fixed:
       nonfinite &= feasible  # A projecting update evaluated nothing.
-    if fixed:
+    else:
       nonfinite |= ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(v))
                                        for v in jax.tree.leaves(g)]))
       solver = solver._replace(status=jnp.where(
