@@ -149,6 +149,7 @@ def test_partition_loop_with_projected():
   assert float(loss) < first
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_reparam_inside_filter_grad_is_the_chain_rule():
   latent_model = _mlp()
   x, y = _data()

@@ -40,6 +40,7 @@ def _closed_form_db(A, b):
   return J, free
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_nnls_jacobian_matches_the_closed_form(x64):
   A, b = _nnls_problem()
   J_ref, free = _closed_form_db(A, b)

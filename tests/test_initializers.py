@@ -70,6 +70,7 @@ def test_icnn_moments_give_the_signal_propagation_fixed_point(n, rho, var, noise
   assert c.var() / total == pytest.approx(rho, rel=5 * rel)
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_icnn_samples_match_the_moments():
   shape = (64, 200_000)
   w = np.asarray(sample(init.icnn(), jax.random.key(0), shape), np.float64)

@@ -50,6 +50,7 @@ def _x(n=8):
 # ------------------------------------------------------------- filter rules
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_rules_keyed_by_nnx_filters():
   by_glob = posconstr.nnx.reparameterize(MLP(nnx.Rngs(0)),
                                          {"*kernel": posconstr.Softplus()})
@@ -176,6 +177,7 @@ def test_latents_are_restored_when_the_call_raises():
 # --------------------------------------------------------------------- paths
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_optimizer_state_applied_state_and_constrain_share_paths():
   model = posconstr.nnx.reparameterize(MLP(nnx.Rngs(0)),
                                        {"*kernel": posconstr.Softplus()})

@@ -140,6 +140,7 @@ def test_newton_then_clip_provably_stalls():
   assert g[0] > 0.01
 
 
+@pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_optax_lbfgs_plus_clip_stalls_where_lbfgsb_converges(x64):
   x0 = jnp.array([0.0, 1.0])  # the clip(Newton) fixed point
   clipped = optax.chain(optax.lbfgs(), posconstr.project_nonneg())
