@@ -93,6 +93,7 @@ def machine_info() -> dict[str, Any]:
           "python": platform.python_version(), "platform": platform.platform(),
           "processor": _cpu_model(), "cpu_count": os.cpu_count(),
           "blas": blas_info(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
           "loadavg_start": loadavg()}
 

@@ -8,10 +8,18 @@ transform and by ``project_params`` after ``apply_updates`` (``... post``).
 Its results are ``projection_scale.json``; the README's table is
 :func:`readme_table`.
 
+Measured beside it (2 vCPU AMD EPYC, jax 0.10.2, 2026-12-06; one 5000x5000
+float32 kernel, medians of 21 interleaved calls): the count and the sum of
+``where(w > theta, w, 0)`` down the columns took 73 ms with ``jnp.sum``
+(XLA:CPU writes the terms out for YNNPACK) and 11.6 ms with
+``posconstr.sets._slice_sums`` (a plain column sum: 11.5 ms); the simplex
+projection went from 342 ms to 144 ms with it.
+
 Usage::
 
   python -m benchmarks.projection_scale            # 100M parameters
   python -m benchmarks.projection_scale --quick    # 3M, a smoke run
+  python -m benchmarks.projection_scale --huge-pages  # glibc huge pages
 """
 
 from __future__ import annotations

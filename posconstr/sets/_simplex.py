@@ -10,11 +10,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from posconstr.sets import _constraint as base
+from posconstr.sets._slice_sums import slice_sums
 
 
-def _threshold(w, scale, axes):
+def _threshold(v, top, scale, axes):
   """Per slice (keepdims), the ``theta`` with ``sum(max(w - theta, 0)) =
-  scale``, for slices whose maximum is 0.
+  scale`` for ``w = v - top``, where ``top`` is each slice's maximum.
 
   Newton's method on that convex, decreasing, piecewise-linear function,
   i.e. Michelot's algorithm (1986): from ``theta = -scale`` (at or left of
@@ -22,22 +23,27 @@ def _threshold(w, scale, axes):
   ``theta`` to ``(sum of w over w > theta - scale) / count``, which only
   drops coordinates. A slice stops when its count stops falling (at most
   ``n`` steps; rounding near the root could otherwise make it cycle). Each
-  step is one pass over ``w``, with no sort and no transpose.
+  step is one pass over ``v``, with no sort and no transpose; ``w`` is formed
+  as it is read and never stored.
   """
   def step(carry):
     theta, count, _ = carry
-    above = w > theta
-    new_count = jnp.sum(above, axis=axes, keepdims=True, dtype=jnp.int32)
-    total = jnp.sum(jnp.where(above, w, 0), axis=axes, keepdims=True)
+
+    def terms(block):
+      w = block - top
+      above = w > theta
+      return above.astype(jnp.int32), jnp.where(above, w, 0)
+
+    new_count, total = slice_sums(terms, [v], axes)
     falling = new_count < count
     # A NaN slice counts 0 and gets theta -inf; its output stays NaN.
-    theta = jnp.where(falling, (total - scale) / new_count.astype(w.dtype),
+    theta = jnp.where(falling, (total - scale) / new_count.astype(v.dtype),
                       theta)
     return theta, jnp.where(falling, new_count, count), falling
 
-  shape = [1 if a in axes else size for a, size in enumerate(w.shape)]
-  n = base.slice_size(w.shape, axes)
-  start = (jnp.full(shape, -scale, w.dtype), jnp.full(shape, n + 1, jnp.int32),
+  shape = top.shape
+  n = base.slice_size(v.shape, axes)
+  start = (jnp.full(shape, -scale, v.dtype), jnp.full(shape, n + 1, jnp.int32),
            jnp.ones(shape, bool))
   return lax.while_loop(lambda carry: jnp.any(carry[2]), step, start)[0]
 
@@ -48,8 +54,8 @@ def project_slices(v, scale, axes):
   ``scale``, in ``v``'s dtype."""
   # The projection commutes with shifts; shifting by the max keeps theta and
   # the support small, so the sums stay exact to rounding when |v| >> scale.
-  w = v - jnp.max(v, axis=axes, keepdims=True)
-  return jnp.maximum(w - _threshold(w, scale, axes), 0)
+  top = jnp.max(v, axis=axes, keepdims=True)
+  return jnp.maximum((v - top) - _threshold(v, top, scale, axes), 0)
 
 
 @project_slices.defjvp
@@ -59,6 +65,7 @@ def _project_slices_jvp(axes, primals, tangents):
   v, scale = primals
   dv, dscale = tangents
   y = project_slices(v, scale, axes)
+  # Plain sums: reverse mode transposes this (slice_sums has no transpose).
   support = y > 0
   count = jnp.maximum(jnp.sum(support, axis=axes, keepdims=True), 1)
   dtheta = (jnp.sum(jnp.where(support, dv, 0), axis=axes, keepdims=True)
@@ -152,11 +159,11 @@ class Simplex(base.Constraint):
     grad = self._input(grad, "pushing_out", "grad")
     grad = grad.astype(base.accumulation_dtype(x.dtype))
     axes = self._axes(x)
-    support = x > 0
-    count = jnp.maximum(jnp.sum(support, axis=axes, keepdims=True), 1)
-    multiplier = jnp.sum(jnp.where(support, grad, 0), axis=axes,
-                         keepdims=True) / count
-    return (~support) & (grad > multiplier)
+    count, total = slice_sums(
+        lambda x, grad: ((x > 0).astype(jnp.int32), jnp.where(x > 0, grad, 0)),
+        [x, grad], axes)
+    multiplier = total / jnp.maximum(count, 1).astype(grad.dtype)
+    return (x <= 0) & (grad > multiplier)
 
   def violation(self, x):
     x = self._input(x, "violation")
