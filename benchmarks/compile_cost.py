@@ -18,6 +18,8 @@ Usage::
 
   python -m benchmarks.compile_cost --quick  # 200, 2,000 leaves; full: +10,000
   python -m benchmarks.compile_cost --leaves 100 --variants box,lbfgsb
+  python -m benchmarks.compile_cost --leaves 10000 --tag 10k \
+      --variants project_nonneg,constrain,box,maxnorm --mem-cap-gb 20
 """
 
 from __future__ import annotations
@@ -235,10 +237,13 @@ def main(argv=None) -> int:
                         f"{QUICK_LEAVES})"),
       ("--variants", str, f"comma-separated, of {list(PEERS)}; with peers"),
       ("--mem-cap-gb", float, "kill a variant past this resident (8)"),
-      ("--timeout-s", float, "kill a variant after this (1800; --quick 150)")):
+      ("--timeout-s", float, "kill a variant after this (1800; --quick 150)"),
+      ("--tag", str, "name the results compile_cost_TAG (a run apart)")):
     ap.add_argument(flag, type=kind, help=text)
   ap.add_argument("--no-peers", action="store_true", help="add no peers")
-  args = _timing.parse_args(ap, argv, "compile_cost", repeats=1,
+  tag = next((b for a, b in zip(argv, argv[1:]) if a == "--tag"), None)
+  name = f"compile_cost_{tag}" if tag else "compile_cost"
+  args = _timing.parse_args(ap, argv, name, repeats=1,
                             min_repeats=1, warmup=0, quick={})
   leaves = ([int(s) for s in args.leaves.split(",")] if args.leaves
             else list(QUICK_LEAVES if args.quick else LEAVES))
@@ -251,7 +256,7 @@ def main(argv=None) -> int:
   peers = set() if args.no_peers else {PEERS[m] for m in chosen}
   names = [n for n in PEERS  # Peers first, in PEERS' order.
            if not chosen or n in chosen or n in peers]
-  report = _timing.Report("compile_cost", args)
+  report = _timing.Report(name, args)
   for n in leaves:
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for r in range(args.repeats):  # Interleaved rounds, order rotated.
