@@ -32,7 +32,6 @@ def _reference(x, y, theta, axes):
 def small_blocks(monkeypatch):
   monkeypatch.setattr(_slice_sums, "_MIN_ELEMENTS", 0)
   monkeypatch.setattr(_slice_sums, "_BLOCK_ROWS", 3)
-  monkeypatch.setattr(_slice_sums, "_BLOCK_ELEMENTS", 1)
 
 
 @pytest.mark.parametrize("shape,axes,loops", [
