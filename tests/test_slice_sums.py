@@ -96,7 +96,7 @@ def test_simplex_on_a_leaf_past_the_blocking_threshold(x64):
   v = rng.normal(size=(1100, 1000)) * 0.02
   assert v.size >= _slice_sums._MIN_ELEMENTS
   c = Simplex(2.0, axis=0)
-  y = np.asarray(jax.jit(c.project)(v))
+  y = np.array(jax.jit(c.project)(v))
   np.testing.assert_allclose(y, _sort_simplex(v, 2.0), rtol=0, atol=1e-12)
   # The derivative: on each column's support, dv minus its mean there.
   dv = rng.normal(size=v.shape)
@@ -106,8 +106,10 @@ def test_simplex_on_a_leaf_past_the_blocking_threshold(x64):
   np.testing.assert_allclose(np.asarray(dy), np.where(support, dv - mean, 0),
                              rtol=0, atol=1e-12)
   # Mass enters a zero coordinate only if its gradient is below the mean
-  # gradient over the support.
+  # gradient over the support; a NaN weight is off the support.
   grad = rng.normal(size=v.shape)
+  y[0, :3] = np.nan
+  support = y > 0
   gmean = np.where(support, grad, 0).sum(0) / support.sum(0)
   np.testing.assert_array_equal(np.asarray(c.pushing_out(y, grad)),
                                 ~support & (grad > gmean))

@@ -163,7 +163,7 @@ class Simplex(base.Constraint):
         lambda x, grad: ((x > 0).astype(jnp.int32), jnp.where(x > 0, grad, 0)),
         [x, grad], axes)
     multiplier = total / jnp.maximum(count, 1).astype(grad.dtype)
-    return (x <= 0) & (grad > multiplier)
+    return ~(x > 0) & (grad > multiplier)  # A NaN weight is off the support.
 
   def violation(self, x):
     x = self._input(x, "violation")
