@@ -231,7 +231,9 @@ def main(argv=None) -> int:
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     print(json.dumps(measure(argv[1], int(argv[2]))), flush=True)
     return 0
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  # No abbreviations: --tag is read before parsing, to name the results.
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                               allow_abbrev=False)
   for flag, kind, text in (
       ("--leaves", str, f"comma-separated counts (default {LEAVES}; --quick "
                         f"{QUICK_LEAVES})"),
@@ -241,7 +243,8 @@ def main(argv=None) -> int:
       ("--tag", str, "name the results compile_cost_TAG (a run apart)")):
     ap.add_argument(flag, type=kind, help=text)
   ap.add_argument("--no-peers", action="store_true", help="add no peers")
-  tag = next((b for a, b in zip(argv, argv[1:]) if a == "--tag"), None)
+  tag = next((b for a, b in zip(argv, argv[1:]) if a == "--tag"), None) or next(
+      (a.split("=", 1)[1] for a in argv if a.startswith("--tag=")), None)
   name = f"compile_cost_{tag}" if tag else "compile_cost"
   args = _timing.parse_args(ap, argv, name, repeats=1,
                             min_repeats=1, warmup=0, quick={})

@@ -25,8 +25,8 @@ minor page faults per step (XLA:CPU maps the temp buffer afresh each run).
 ``--mode update`` times the optimizer update alone (fixed gradients), where
 the projection's share is largest. The HLO: ``XLA_FLAGS=--xla_dump_to=DIR``.
 ``--huge-pages`` runs under glibc's transparent huge pages for large blocks,
-where those page faults are 512 times fewer (Linux; its results are
-``NAME_hugetlb``).
+where those page faults are up to 512 times fewer (Linux, with transparent
+huge pages not set to ``never``; its results are ``NAME_hugetlb``).
 
 Usage::
 
@@ -64,7 +64,8 @@ BASELINE = "adam"
 # What the README table renders (see _timing.summary).
 SUMMARY_KEYS = ("mode", "n_params", "width", "repeats", "median_s",
                 "paired_ratio", "ratio_of_mins", "bytes_accessed",
-                "bytes_ratio", "entry_fusions", "temp_bytes", "failed")
+                "bytes_ratio", "entry_fusions", "temp_bytes",
+                "minor_faults_per_step", "failed")
 
 
 def width_for(n_params: float, depth: int = DEPTH) -> int:
@@ -289,7 +290,9 @@ def main(argv=None, name: str = "projection_overhead",
   """Runs the benchmark; ``name`` names its results, ``sizes`` are the
   default sizes (full, ``--quick``) and ``defaults`` the other options'
   defaults (``benchmarks.projection_scale`` presets them)."""
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  # No abbreviations: --huge-pages is read before parsing, to name the results.
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                               allow_abbrev=False)
   ap.add_argument("--sizes", default=None,
                   help=f"comma-separated parameter counts (default "
                        f"{sizes[0]}; --quick: {sizes[1]}).")

@@ -5,8 +5,8 @@ gradients, donated buffers) on four 5000x5000 kernels and their biases:
 Adam, then ``project_nonneg``, ``projected``, and per-axis ``MaxNorm``,
 ``UnitNorm``, ``MinMaxNorm`` and ``Simplex``, each both as the Optax
 transform and by ``project_params`` after ``apply_updates`` (``... post``).
-Its results are ``projection_scale.json``; the README's table is
-:func:`readme_table`.
+Its results are ``projection_scale.json`` (``projection_scale_hugetlb.json``
+under ``--huge-pages``); the README's tables are :func:`readme_table`.
 
 Measured beside it (2 vCPU AMD EPYC, jax 0.10.2, 2026-12-06; one 5000x5000
 float32 kernel, medians of 21 interleaved calls): the count and the sum of
@@ -47,18 +47,22 @@ ROWS = {
 
 
 def readme_table(payload) -> str:
-  """Per variant: step time, paired ratio to Adam, bytes, XLA scratch."""
+  """Per variant: step time, paired ratio to Adam, bytes, XLA scratch and the
+  page faults per step."""
   (res,) = payload["results"]
-  base = res["variants"][projection_overhead.BASELINE]
-  rows = [["Adam alone", f"{base['median_s'] * 1e3:.0f} ms", "1.00x",
-           "1.00x", _timing.fmt_bytes(base["temp_bytes"])]]
-  for label, name in ROWS.items():
-    v = res["variants"][name]
+  variants = res["variants"]
+  rows = []
+  for label, name in {"Adam alone": projection_overhead.BASELINE,
+                      **ROWS}.items():
+    v = variants[name]
+    faults = v.get("minor_faults_per_step")
     rows.append([label, f"{v['median_s'] * 1e3:.0f} ms",
                  f"{v['paired_ratio']['median']:.2f}x",
-                 f"{v['bytes_ratio']:.2f}x", _timing.fmt_bytes(v["temp_bytes"])])
+                 f"{v['bytes_ratio']:.2f}x", _timing.fmt_bytes(v["temp_bytes"]),
+                 "n/a" if faults is None else f"{faults:,.0f}"])
   return _timing.markdown_table(
-      ["after Adam", "step", "time ratio", "bytes ratio", "XLA scratch"], rows)
+      ["after Adam", "step", "time ratio", "bytes ratio", "XLA scratch",
+       "page faults"], rows)
 
 
 def main(argv=None) -> int:

@@ -34,11 +34,34 @@ def small_blocks(monkeypatch):
   monkeypatch.setattr(_slice_sums, "_BLOCK_ROWS", 3)
 
 
+def test_slice_sums_are_plain_sums_with_several_cpu_devices(small_blocks,
+                                                             monkeypatch):
+  # The arrays may be sharded then: no blocks (their dynamic slices would
+  # gather a sharded leading axis), no variadic reduction.
+  monkeypatch.setattr(jax, "devices", lambda *args: [None, None])
+  x = jnp.ones((10, 4))
+  fn = jax.jit(lambda x: _slice_sums.slice_sums(
+      lambda b: ((b > 0).astype(jnp.int32), b), [x], (0,)))
+  assert [int(s) for s in fn(x)[0].ravel()] == [10] * 4
+  hlo = fn.lower(x).compile().as_text()
+  assert " while(" not in hlo and "reduce(" in hlo
+
+
+def test_slice_sums_refuse_mixed_shapes_and_narrow_floats(small_blocks):
+  with pytest.raises(ValueError, match="one shape"):
+    _slice_sums.slice_sums(lambda a, b: (a + b,), [jnp.ones((4, 3)),
+                                                  jnp.ones((1, 3))], (0,))
+  with pytest.raises(TypeError, match="at least 32 bits"):
+    _slice_sums.slice_sums(lambda a: (a,), [jnp.ones((4, 3), jnp.bfloat16)],
+                           (0,))
+
+
 @pytest.mark.parametrize("shape,axes,loops", [
     ((10, 4), (0,), True),          # 3 blocks of 3 rows + 1 leftover row
     ((9, 4), (0,), True),           # no leftover: the first block starts
     ((2, 4), (0,), False),          # fewer rows than a block: no loop
     ((4, 3, 5), (0, 1), True),      # two leading axes, as one of 12 rows
+    ((5, 2, 3), (0, 1), True),      # ... of 10 rows: a leftover row
     ((4, 3, 5), (0, 2), False),     # the last axis: one fused reduction
     ((4, 3, 5), (1,), False),
     ((4, 3, 5), (0, 1, 2), False),
@@ -96,7 +119,10 @@ def test_simplex_on_a_leaf_past_the_blocking_threshold(x64):
   v = rng.normal(size=(1100, 1000)) * 0.02
   assert v.size >= _slice_sums._MIN_ELEMENTS
   c = Simplex(2.0, axis=0)
-  y = np.array(jax.jit(c.project)(v))
+  project = jax.jit(c.project)
+  # Michelot's loop and, inside it, the loop over blocks of rows.
+  assert project.lower(v).compile().as_text().count(" while(") >= 2
+  y = np.array(project(v))
   np.testing.assert_allclose(y, _sort_simplex(v, 2.0), rtol=0, atol=1e-12)
   # The derivative: on each column's support, dv minus its mean there.
   dv = rng.normal(size=v.shape)
@@ -113,3 +139,8 @@ def test_simplex_on_a_leaf_past_the_blocking_threshold(x64):
   gmean = np.where(support, grad, 0).sum(0) / support.sum(0)
   np.testing.assert_array_equal(np.asarray(c.pushing_out(y, grad)),
                                 ~support & (grad > gmean))
+  # A gradient that only broadcasts: one per row.
+  row = grad[:, :1]
+  rmean = np.where(support, row, 0).sum(0) / support.sum(0)
+  np.testing.assert_array_equal(np.asarray(c.pushing_out(y, row)),
+                                ~support & (row > rmean))

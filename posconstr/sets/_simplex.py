@@ -159,6 +159,7 @@ class Simplex(base.Constraint):
     grad = self._input(grad, "pushing_out", "grad")
     grad = grad.astype(base.accumulation_dtype(x.dtype))
     axes = self._axes(x)
+    grad = jnp.broadcast_to(grad, x.shape)  # It may only broadcast.
     count, total = slice_sums(
         lambda x, grad: ((x > 0).astype(jnp.int32), jnp.where(x > 0, grad, 0)),
         [x, grad], axes)

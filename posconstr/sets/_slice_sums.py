@@ -33,6 +33,10 @@ def _sums(terms, xs, axes):
 
 def _fused_sums(terms, xs, axes):
   parts = tuple(terms(*xs))
+  floats = {t.dtype for t in parts if jnp.issubdtype(t.dtype, jnp.floating)}
+  if len(floats) > 1 or any(jnp.finfo(f).bits < 32 for f in floats):
+    raise TypeError(f"slice_sums: terms of dtypes {[t.dtype for t in parts]};"
+                    " floats must share one dtype of at least 32 bits.")
   sums = lax.reduce(parts, tuple(jnp.zeros((), t.dtype) for t in parts),
                     lambda a, b: tuple(map(lax.add, a, b)), axes)
   return tuple(jnp.expand_dims(s, axes) for s in sums)
@@ -64,6 +68,10 @@ def _blocked_sums(terms, xs, k):
 
 
 def _cpu_sums(terms, xs, axes):
+  if len(jax.devices("cpu")) > 1:
+    # The arrays may be sharded: a block's dynamic slice would gather a
+    # sharded leading axis, and the variadic reduction is left unfused.
+    return _sums(terms, xs, axes)
   k = len(axes)
   if axes == tuple(range(k)) and k < xs[0].ndim:
     return _blocked_sums(terms, xs, k)  # Down the columns.
@@ -77,19 +85,23 @@ def slice_sums(terms: Callable[..., Sequence[jax.Array]],
 
   Args:
     terms: maps blocks of ``xs`` (the same rows of each: leading axes cut,
-      the others whole) to arrays of that block's shape, elementwise;
-      anything it closes over must broadcast against such a block
-      (per-slice values, with size 1 along ``axes``) and must not be
-      differentiated.
+      the others whole) to arrays of that block's shape, elementwise, each
+      in int32 or one float dtype of at least 32 bits (they are summed in
+      their own dtype); anything it closes over must broadcast against such
+      a block (per-slice values, with size 1 along ``axes``).
     xs: arrays of one shape.
     axes: the normalized axes the slices span.
 
   Returns:
     One sum per term, in the term's dtype, each of the arrays' rank with
-    size 1 along ``axes``. They are constants to differentiation (the
-    variadic reduction has no transpose): sum tangents with ``jnp.sum``.
+    size 1 along ``axes``. ``xs`` are constants to differentiation (the
+    variadic reduction cannot be transposed): differentiate through
+    ``jnp.sum`` instead.
   """
   xs = tuple(lax.stop_gradient(x) for x in xs)
+  if len({x.shape for x in xs}) != 1:
+    raise ValueError(f"slice_sums: xs of shapes {[x.shape for x in xs]}; "
+                     "they must have one shape (broadcast them first).")
   if xs[0].size < _MIN_ELEMENTS:
     return _sums(terms, xs, axes)
   return lax.platform_dependent(
