@@ -47,6 +47,17 @@ def test_slice_sums_are_plain_sums_with_several_cpu_devices(small_blocks,
   assert " while(" not in hlo and "reduce(" in hlo
 
 
+@pytest.mark.parametrize("platform,loops", [("cpu", 2), ("cuda", 1),
+                                            ("tpu", 1)])
+def test_only_the_cpu_program_has_the_loop_over_blocks(platform, loops):
+  # Lowered for each platform without its device: Michelot's while loop
+  # everywhere, the loop over blocks of rows on CPU only.
+  leaf = jax.ShapeDtypeStruct((1100, 1000), jnp.float32)
+  exported = jax.export.export(jax.jit(Simplex(axis=0).project),
+                               platforms=[platform])(leaf)
+  assert exported.mlir_module().count("stablehlo.while") == loops
+
+
 def test_slice_sums_refuse_mixed_shapes_and_narrow_floats(small_blocks):
   with pytest.raises(ValueError, match="one shape"):
     _slice_sums.slice_sums(lambda a, b: (a + b,), [jnp.ones((4, 3)),
