@@ -111,10 +111,14 @@ def landing_update(param, update, constraint):
   # Nearest rounding lands every slice in the shell unless ``p`` is far out
   # (see _near_enough): one reduction of ``p`` decides, and the bisection's
   # passes over the leaf run only when some slice needs them.
+  # Each branch forms ``p + u`` itself: as an operand of the cond it would
+  # be one more leaf-sized scratch buffer.
   return jax.lax.cond(
       _near_enough(param, constraint),
-      lambda: _nearest_landing(param, update, stepped, constraint),
-      lambda: _nearest_landing(param, update, stepped, constraint, True))
+      lambda: _nearest_landing(param, update, _landed(param, update),
+                               constraint),
+      lambda: _nearest_landing(param, update, _landed(param, update),
+                               constraint, True))
 
 
 def _nearest_landing(param, update, stepped, constraint, shell=False):
