@@ -240,6 +240,14 @@ def summary_path(name: str) -> str:
   return os.path.join(SUMMARY_DIR, f"{name}.json")
 
 
+def option(argv: Sequence[str], flag: str, **kwargs) -> Any:
+  """One option's value, read before the full parse (an option that names
+  the results, which the full parse's defaults need)."""
+  pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+  pre.add_argument(flag, dest="value", **kwargs)
+  return pre.parse_known_args(argv)[0].value
+
+
 def parse_args(ap: argparse.ArgumentParser, argv, name: str, *, repeats: int,
                min_repeats: int, warmup: int,
                budget_s: Optional[float] = None,

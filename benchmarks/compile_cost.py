@@ -243,8 +243,7 @@ def main(argv=None) -> int:
       ("--tag", str, "name the results compile_cost_TAG (a run apart)")):
     ap.add_argument(flag, type=kind, help=text)
   ap.add_argument("--no-peers", action="store_true", help="add no peers")
-  tag = next((b for a, b in zip(argv, argv[1:]) if a == "--tag"), None) or next(
-      (a.split("=", 1)[1] for a in argv if a.startswith("--tag=")), None)
+  tag = _timing.option(argv, "--tag")
   name = f"compile_cost_{tag}" if tag else "compile_cost"
   args = _timing.parse_args(ap, argv, name, repeats=1,
                             min_repeats=1, warmup=0, quick={})

@@ -313,7 +313,7 @@ def main(argv=None, name: str = "projection_overhead",
   ap.set_defaults(**defaults)
   argv = sys.argv[1:] if argv is None else list(argv)
   module = f"benchmarks.{name}"
-  if "--huge-pages" in argv:
+  if _timing.option(argv, "--huge-pages", action="store_true"):
     name += "_hugetlb"
   args = _timing.parse_args(ap, argv, name, repeats=40,
                             min_repeats=15, warmup=1,

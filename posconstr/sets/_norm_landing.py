@@ -96,10 +96,9 @@ def landing_update(param, update, constraint):
 
   Slices the projection leaves alone get ``update`` back unchanged.
   """
-  stepped = _landed(param, update)
   acc = base.accumulation_dtype(param.dtype)
   if constraint.scales_radially:
-    scale = constraint.radial_scale(stepped)
+    scale = constraint.radial_scale(_landed(param, update))
     # Not (p + u) s: XLA would keep p + u in scratch memory for both the
     # norm reduction and this (p s + u s is as accurate, to the landing grid).
     target = param.astype(acc) * scale + update.astype(acc) * scale
@@ -107,24 +106,24 @@ def landing_update(param, update, constraint):
     delta = (inward - param.astype(acc)).astype(param.dtype)
     return jnp.where(scale == 1, update, delta)
   if constraint.static_rate != 1:  # The target need not be in the set.
-    return _nearest_landing(param, update, stepped, constraint)
+    return _nearest_landing(param, update, constraint)
   # Nearest rounding lands every slice in the shell unless ``p`` is far out
   # (see _near_enough): one reduction of ``p`` decides, and the bisection's
   # passes over the leaf run only when some slice needs them.
-  # Each branch forms ``p + u`` itself: as an operand of the cond it would
-  # be one more leaf-sized scratch buffer.
   return jax.lax.cond(
       _near_enough(param, constraint),
-      lambda: _nearest_landing(param, update, _landed(param, update),
-                               constraint),
-      lambda: _nearest_landing(param, update, _landed(param, update),
-                               constraint, True))
+      lambda: _nearest_landing(param, update, constraint),
+      lambda: _nearest_landing(param, update, constraint, True))
 
 
-def _nearest_landing(param, update, stepped, constraint, shell=False):
+def _nearest_landing(param, update, constraint, shell=False):
   """``update`` where the projection leaves ``p + u`` alone, else ``t - p``
-  rounded to nearest (``shell``: rounded per slice to land in the shell)."""
+  rounded to nearest (``shell``: rounded per slice to land in the shell).
+
+  It forms ``p + u`` itself: passed in, inside a branch of the shell
+  check's ``lax.cond``, it would be one more leaf-sized scratch buffer."""
   acc = base.accumulation_dtype(param.dtype)
+  stepped = _landed(param, update)
   target = constraint.project_unrounded(stepped)
   unchanged = target == stepped.astype(acc)
   nearest = (target - param.astype(acc)).astype(param.dtype)

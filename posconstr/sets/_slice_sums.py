@@ -33,10 +33,6 @@ def _sums(terms, xs, axes):
 
 def _fused_sums(terms, xs, axes):
   parts = tuple(terms(*xs))
-  floats = {t.dtype for t in parts if jnp.issubdtype(t.dtype, jnp.floating)}
-  if len(floats) > 1 or any(jnp.finfo(f).bits < 32 for f in floats):
-    raise TypeError(f"slice_sums: terms of dtypes {[t.dtype for t in parts]};"
-                    " floats must share one dtype of at least 32 bits.")
   sums = lax.reduce(parts, tuple(jnp.zeros((), t.dtype) for t in parts),
                     lambda a, b: tuple(map(lax.add, a, b)), axes)
   return tuple(jnp.expand_dims(s, axes) for s in sums)
@@ -102,6 +98,12 @@ def slice_sums(terms: Callable[..., Sequence[jax.Array]],
   if len({x.shape for x in xs}) != 1:
     raise ValueError(f"slice_sums: xs of shapes {[x.shape for x in xs]}; "
                      "they must have one shape (broadcast them first).")
+  dtypes = [t.dtype for t in jax.eval_shape(lambda *xs: tuple(terms(*xs)),
+                                            *xs)]
+  floats = {d for d in dtypes if jnp.issubdtype(d, jnp.floating)}
+  if len(floats) > 1 or any(jnp.finfo(f).bits < 32 for f in floats):
+    raise TypeError(f"slice_sums: terms of dtypes {dtypes}; floats must share"
+                    " one dtype of at least 32 bits.")
   if xs[0].size < _MIN_ELEMENTS:
     return _sums(terms, xs, axes)
   return lax.platform_dependent(
