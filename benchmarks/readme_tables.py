@@ -73,6 +73,7 @@ RENDERERS: Dict[str, Tuple[str, Callable[[dict], str]]] = {
                                  _script("projection_scale")),
     "exponentiated_gradient": ("exponentiated_gradient.json",
                                _script("exponentiated_gradient")),
+    "column_sums": ("column_sums.json", _script("column_sums")),
 }
 
 

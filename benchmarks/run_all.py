@@ -38,7 +38,8 @@ from benchmarks import _timing
 # CPU cores.
 # compile_cost runs on its own (python -m benchmarks.compile_cost): its full
 # run takes hours at 10,000 leaves and has no committed summary yet.
-SCRIPTS = ("projection_overhead", "reparam_overhead", "lbfgsb", "nnls_batch")
+SCRIPTS = ("projection_overhead", "reparam_overhead", "lbfgsb", "nnls_batch",
+           "column_sums")
 _ERROR_LINES = 30  # Lines of a failed script's stderr kept as its error.
 
 

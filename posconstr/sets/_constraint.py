@@ -12,6 +12,8 @@ import jax.core  # Explicit: `jax.core.Tracer` below.
 import jax.numpy as jnp
 import numpy as np
 
+from posconstr.sets._slice_sums import sum_of_squares
+
 Axis = Union[int, Tuple[int, ...], None]
 
 
@@ -400,7 +402,9 @@ def cast_bound(bound, dtype, *, round_up: bool) -> jax.Array:
 
 def safe_norm(x: jax.Array, axes, keepdims: bool = True) -> jax.Array:
   """Euclidean norm over ``axes`` with a finite gradient at 0."""
-  sq = jnp.sum(x * x, axis=axes, keepdims=keepdims)
+  sq = sum_of_squares(x, tuple(axes))
+  if not keepdims:
+    sq = jnp.squeeze(sq, tuple(axes))
   positive = ~(sq <= 0)  # True for NaN too, so that NaN propagates.
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1)), 0)
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from posconstr.sets import _constraint as base
 from posconstr.sets import _landing
+from posconstr.sets._slice_sums import sum_of_squares
 
 
 def _landed(param, delta):
@@ -150,7 +151,7 @@ def _near_enough(param, constraint):
   if n <= 5:
     return jnp.zeros((), bool)
   acc = base.accumulation_dtype(param.dtype)
-  sq = jnp.sum(jnp.square(param.astype(acc)), axis=axes)
+  sq = sum_of_squares(param.astype(acc), axes)
   return jnp.all(sq <= ((n - 5) * constraint.min_value) ** 2)
 
 

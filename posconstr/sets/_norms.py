@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from posconstr.sets import _constraint as base
 from posconstr.sets import _norm_landing
+from posconstr.sets._slice_sums import sum_of_squares
 
 
 class _RadialNorm(base.Constraint):
@@ -89,7 +90,7 @@ class _RadialNorm(base.Constraint):
     infinite slice gets NaN, as ``rate * clip + (1 - rate) * norm`` gives).
     The norm is divided only where it exceeds ``max_value``, so that the
     gradient is finite at the zero slice."""
-    sq = jnp.sum(xs * xs, axis=axes, keepdims=True)
+    sq = sum_of_squares(xs, axes)
     inside = jnp.sqrt(sq) <= self.max_value  # False for NaN.
     norm = jnp.sqrt(jnp.where(inside, 1, sq))
     return jnp.where(inside, 1, (self.max_value + 0 * norm) / norm)

@@ -10,21 +10,24 @@ import jax.numpy as jnp
 from jax import lax
 
 from posconstr.sets import _constraint as base
+from posconstr.sets import _slice_sums
 from posconstr.sets._slice_sums import slice_sums
 
 
-def _threshold(v, top, scale, axes):
+def _threshold(v, top, start, scale, axes):
   """Per slice (keepdims), the ``theta`` with ``sum(max(w - theta, 0)) =
   scale`` for ``w = v - top``, where ``top`` is each slice's maximum.
 
   Newton's method on that convex, decreasing, piecewise-linear function,
-  i.e. Michelot's algorithm (1986): from ``theta = -scale`` (at or left of
-  the root, since the maximum alone gives ``f(-scale) >= 0``) each step sets
-  ``theta`` to ``(sum of w over w > theta - scale) / count``, which only
-  drops coordinates. A slice stops when its count stops falling (at most
-  ``n`` steps; rounding near the root could otherwise make it cycle). Each
-  step is one pass over ``v``, with no sort and no transpose; ``w`` is formed
-  as it is read and never stored.
+  i.e. Michelot's algorithm (1986): from ``start``, at or left of the root
+  (see :func:`_top_and_start`), each step sets ``theta`` to
+  ``(sum of w over w > theta - scale) / count``, which only drops
+  coordinates. Each step is one pass over ``v``, with no sort and no
+  transpose; ``w`` is formed as it is read and never stored. A slice stops
+  when its count stops falling (at most ``n`` steps; rounding near the root
+  could otherwise make it cycle), or as soon as the smallest ``w`` it
+  counted is above its new ``theta``: the next pass would count the same
+  coordinates, and stop there with the same ``theta`` (this saves it).
   """
   def step(carry):
     theta, count, _ = carry
@@ -32,20 +35,51 @@ def _threshold(v, top, scale, axes):
     def terms(block):
       w = block - top
       above = w > theta
-      return above.astype(jnp.int32), jnp.where(above, w, 0)
+      return (above.astype(jnp.int32), jnp.where(above, w, 0),
+              jnp.where(above, -w, -jnp.inf))
 
-    new_count, total = slice_sums(terms, [v], axes)
+    new_count, total, minus_lowest = slice_sums(terms, [v], axes,
+                                                ("sum", "sum", "max"))
     falling = new_count < count
     # A NaN slice counts 0 and gets theta -inf; its output stays NaN.
     theta = jnp.where(falling, (total - scale) / new_count.astype(v.dtype),
                       theta)
-    return theta, jnp.where(falling, new_count, count), falling
+    settled = -minus_lowest > theta
+    return (theta, jnp.where(falling, new_count, count),
+            falling & ~settled)
 
   shape = top.shape
   n = base.slice_size(v.shape, axes)
-  start = (jnp.full(shape, -scale, v.dtype), jnp.full(shape, n + 1, jnp.int32),
-           jnp.ones(shape, bool))
-  return lax.while_loop(lambda carry: jnp.any(carry[2]), step, start)[0]
+  carry = (start, jnp.full(shape, n + 1, jnp.int32), jnp.ones(shape, bool))
+  return lax.while_loop(lambda carry: jnp.any(carry[2]), step, carry)[0]
+
+
+def _top_and_start(v, scale, axes):
+  """Each slice's maximum (keepdims), and a start for :func:`_threshold`.
+
+  ``-scale`` is at or left of the root: the maximum alone gives
+  ``f(-scale) >= scale``. So is the mean ``(sum(w) - scale) / n``, since
+  ``f(theta) >= sum(w - theta)``. Newton's first step from ``-scale`` lands
+  on the mean when every coordinate is within ``scale`` of the maximum, as
+  on weights the projection placed one small step before: starting there
+  saves that pass. The mean is taken less a bound on its rounding (the sum's
+  error is at most ``(n - 1) u sum|v|``; 4x that and the other roundings'
+  here, with ``n eps <= 1/64``), and only where it is right of ``-scale``
+  (so never NaN). Leaves under ``_MIN_ELEMENTS`` start at ``-scale``: one
+  plain maximum, as before, in every small leaf.
+  """
+  n = base.slice_size(v.shape, axes)
+  eps = float(jnp.finfo(v.dtype).eps)
+  shape = [1 if a in axes else d for a, d in enumerate(v.shape)]
+  if v.size < _slice_sums._MIN_ELEMENTS or n * eps > 1 / 64:
+    return (jnp.max(v, axis=axes, keepdims=True),
+            jnp.full(shape, -scale, v.dtype))
+  # One pass for all three (on CPU, and one variadic reduction elsewhere).
+  top, total, magnitude = _slice_sums.slice_sums(
+      lambda b: (b, b, jnp.abs(b)), [v], axes, ops=("max", "sum", "sum"))
+  mean = (total - scale) / n - top
+  start = mean - 8 * eps * (magnitude + scale + jnp.abs(top))
+  return top, jnp.where(start > -scale, start, -scale)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -54,8 +88,8 @@ def project_slices(v, scale, axes):
   ``scale``, in ``v``'s dtype."""
   # The projection commutes with shifts; shifting by the max keeps theta and
   # the support small, so the sums stay exact to rounding when |v| >> scale.
-  top = jnp.max(v, axis=axes, keepdims=True)
-  return jnp.maximum((v - top) - _threshold(v, top, scale, axes), 0)
+  top, start = _top_and_start(v, scale, axes)
+  return jnp.maximum((v - top) - _threshold(v, top, start, scale, axes), 0)
 
 
 @project_slices.defjvp
