@@ -8,12 +8,8 @@ transform and by ``project_params`` after ``apply_updates`` (``... post``).
 Its results are ``projection_scale.json`` (``projection_scale_hugetlb.json``
 under ``--huge-pages``); the README's tables are :func:`readme_table`.
 
-Measured beside it (2 vCPU AMD EPYC, jax 0.10.2, 2026-12-06; one 5000x5000
-float32 kernel, medians of 21 interleaved calls): the count and the sum of
-``where(w > theta, w, 0)`` down the columns took 68 ms with ``jnp.sum``
-(XLA:CPU writes the terms out for YNNPACK) and 7.4 ms with
-``posconstr.sets._slice_sums`` in blocks of 8 rows (a plain column sum:
-9.8 ms); the simplex projection went from 322 ms to 118 ms with it.
+The reductions down the columns that these sets make are timed on their
+own, against ``jnp.sum``, by ``benchmarks.column_sums``.
 
 Usage::
 

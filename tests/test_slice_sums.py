@@ -248,6 +248,33 @@ def test_simplex_from_the_mean_start_far_from_the_origin(offset=1e3):
   assert float(Simplex(axis=0).violation(y[:, 2:])) == 0
 
 
+@pytest.mark.parametrize("step,most", [("sign", 2), ("normal", 6)])
+def test_simplex_one_small_step_off_saves_two_newton_passes(monkeypatch,
+                                                            step, most):
+  # Weights on the simplex, then one small step: the mean start saves the
+  # pass from -scale, the settled support the pass that would confirm it.
+  # Steps of one size (Adam's on fixed gradients, as in the benchmarks)
+  # take 2 passes here (3 on 5000x5000 kernels), 4 from -scale; steps of
+  # varied sizes 6, against 8.
+  from posconstr.sets import _simplex  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(8)
+  simplex = Simplex(axis=0)
+  p = np.asarray(simplex.project(rng.normal(size=(1100, 1000)) / 33))
+  noise = rng.normal(size=p.shape)
+  v = p + 1e-4 * (np.sign(noise) if step == "sign" else noise)
+  passes = []
+
+  def counted(*args, **kwargs):
+    jax.debug.callback(lambda: passes.append(1))
+    return _slice_sums.slice_sums(*args, **kwargs)
+
+  monkeypatch.setattr(_simplex, "slice_sums", counted)
+  y = jax.block_until_ready(jax.jit(simplex.project)(v))
+  assert 0 < len(passes) <= most
+  np.testing.assert_allclose(np.asarray(y), _sort_simplex(v, 1.0), rtol=0,
+                             atol=1e-6)
+
+
 def test_norm_sets_on_a_wide_leaf_past_the_blocking_threshold(x64):
   # 100 x 12000 > 2^20 weights, rows longer than _LONE_NATIVE_MAX_ROW: the
   # sums of squares run in 6 blocks of rows as two halves, and a leftover

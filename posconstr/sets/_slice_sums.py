@@ -15,7 +15,7 @@ are reduced side by side, which keeps the reduction variadic, with no loop
 projection after ``apply_updates`` would lose its in-place update). The
 results are the same up to the order of the additions. Other backends
 reduce a fused producer in one kernel, and get the plain reductions.
-Measured by ``python -m benchmarks.projection_scale --column-sums``.
+Measured by ``python -m benchmarks.column_sums``.
 """
 
 from __future__ import annotations
