@@ -101,12 +101,36 @@ def _nonneg_tree(params):
 def _maxnorm_kernels(params, max_value=2.0):
   """Keras-style MaxNorm(axis=0) of the kernels, by hand (a reference)."""
   def one(path, p):
-    if not jax.tree_util.keystr(path).endswith("['kernel']"):
+    if not _is_kernel(path):
       return p
     norm = jnp.sqrt(jnp.sum(p * p, axis=0, keepdims=True))
     return p * jnp.where(norm <= max_value, 1.0,
                          max_value / jnp.where(norm > 0, norm, 1.0))
   return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _is_kernel(path) -> bool:
+  return jax.tree_util.keystr(path).endswith("['kernel']")
+
+
+def _mask_by_hand() -> optax.GradientTransformation:
+  """The projected gradient at 0 by hand, for the kernels (the floor of
+  ``projected``: what its mask costs at the least)."""
+  def update(grads, state, params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, g, p: jnp.where((p <= 0) & (g > 0), 0, g)
+        if _is_kernel(path) else g, grads, params), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def _maxnorm_update_by_hand() -> optax.GradientTransformation:
+  """``MaxNorm(2, axis=0)(p + u) - p`` for the kernels, by hand (the floor of
+  the optimizer form, without posconstr's exact landing)."""
+  def update(updates, state, params):
+    stepped = jax.tree.map(jnp.add, params, updates)
+    return jax.tree.map(jnp.subtract, _maxnorm_kernels(stepped),
+                        params), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 def variant_specs() -> Dict[str, Dict[str, Any]]:
@@ -137,6 +161,12 @@ def variant_specs() -> Dict[str, Dict[str, Any]]:
          for name, c in (("unitnorm", posconstr.UnitNorm(axis=0)),
                          ("maxnorm", posconstr.MaxNorm(2.0, axis=0)),
                          ("simplex", posconstr.Simplex(axis=0)))},
+      "mask by hand+adam": {
+          "tx": optax.chain(_mask_by_hand(), adam()),
+          "post": lambda params: jax.tree_util.tree_map_with_path(
+              lambda path, p: jnp.maximum(p, 0) if _is_kernel(path) else p,
+              params)},
+      "adam+maxnorm update by hand": with_adam(_maxnorm_update_by_hand()),
       "adam; jit(max)": {"tx": adam(), "separate": _nonneg_tree},
       "adam+max in-jit": {"tx": adam(), "post": _nonneg_tree},
       "adam+maxnorm in-jit": {"tx": adam(), "post": _maxnorm_kernels},
@@ -262,7 +292,11 @@ README_ROWS = {
     "`constrain({kernel: NonNegative, bias: Box})`": "constrain",
     "`optax.keep_params_nonnegative` (peer)": "optax keep_nonneg",
     '`projected(adam, NonNegative(), mask="*/kernel")`': "projected(kernel)",
+    "its floor: the same mask by hand before Adam": "mask by hand+adam",
     "`project(MaxNorm(2, axis=0))`": "maxnorm(kernel)",
+    "its floor: `P(p + u) - p` by hand after Adam": "adam+maxnorm update by hand",
+    "`project_params(MaxNorm(2, axis=0))` after `apply_updates`":
+        "maxnorm(kernel) post",
     "MaxNorm by hand after `apply_updates`, same jit": "adam+maxnorm in-jit",
     "Adam, then a separate jitted projection pass": "adam; jit(max)",
 }
