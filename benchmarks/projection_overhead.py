@@ -149,6 +149,9 @@ def variant_specs() -> Dict[str, Dict[str, Any]]:
       "optax keep_nonneg": with_adam(optax.keep_params_nonnegative()),
       "projected(kernel)": {"tx": posconstr.projected(
           adam(), posconstr.NonNegative(), mask="*/kernel")},
+      "projected(kernel) unguarded": {"tx": posconstr.projected(
+          adam(), posconstr.NonNegative(), mask="*/kernel",
+          nan_guard=False)},
       "unitnorm(kernel)": with_adam(posconstr.project(
           posconstr.UnitNorm(axis=0), mask="*/kernel")),
       "minmaxnorm(kernel)": with_adam(posconstr.project(
@@ -292,7 +295,8 @@ README_ROWS = {
     "`constrain({kernel: NonNegative, bias: Box})`": "constrain",
     "`optax.keep_params_nonnegative` (peer)": "optax keep_nonneg",
     '`projected(adam, NonNegative(), mask="*/kernel")`': "projected(kernel)",
-    "its floor: the same mask by hand before Adam": "mask by hand+adam",
+    "the same, `nan_guard=False`": "projected(kernel) unguarded",
+    "their floor: the same mask by hand before Adam": "mask by hand+adam",
     "`project(MaxNorm(2, axis=0))`": "maxnorm(kernel)",
     "its floor: `P(p + u) - p` by hand after Adam": "adam+maxnorm update by hand",
     "`project_params(MaxNorm(2, axis=0))` after `apply_updates`":

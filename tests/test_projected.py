@@ -447,3 +447,38 @@ def test_chain_rejects_projection_first_inside_projected():
   tx = posconstr.projected(inner, posconstr.NonNegative())
   with pytest.raises(ValueError, match="inner_state"):
     posconstr.check_projection_last(tx.init(params))
+
+
+def test_projected_without_its_nan_guard():
+  # float32 Adam (eps > 0): the same steps, bit for bit, as with the guard.
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(np.maximum(rng.normal(size=(6, 5)), 0),
+                             jnp.float32)}
+  guarded = posconstr.projected(optax.adam(0.1), posconstr.NonNegative())
+  bare = posconstr.projected(optax.adam(0.1), posconstr.NonNegative(),
+                             nan_guard=False)
+
+  @jax.jit
+  def run(p, grads):
+    out = []
+    for tx in (guarded, bare):
+      q, state = p, tx.init(p)
+      for g in grads:
+        updates, state = tx.update({"w": g}, state, q)
+        q = optax.apply_updates(q, updates)
+      out.append(q["w"])
+    return out
+
+  grads = jnp.asarray(rng.normal(size=(4, 6, 5)), jnp.float32)
+  with_guard, without = run(params, grads)
+  np.testing.assert_array_equal(np.asarray(with_guard), np.asarray(without))
+  assert (np.asarray(without) == 0).any()  # Some weights sat on the bound.
+  # float16 Adam, whose eps is 0 there: the zeroed gradient's step is 0 / 0.
+  params = {"w": jnp.array([0.0, 1.0], jnp.float16)}
+  updates, _ = bare.update({"w": jnp.array([1.0, 1.0], jnp.float16)},
+                           bare.init(params), params)
+  assert np.isnan(np.asarray(updates["w"], np.float32)).tolist() == [
+      True, False]
+  with pytest.raises(TypeError, match="nan_guard=1"):
+    posconstr.projected(optax.adam(0.1), posconstr.NonNegative(),
+                        nan_guard=1)

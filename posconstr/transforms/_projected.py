@@ -39,7 +39,8 @@ def _zeroed(dropped, x):
 
 
 def projected(inner: optax.GradientTransformation, constraint,
-              mask=None) -> optax.GradientTransformationExtraArgs:
+              mask=None, nan_guard: bool = True
+              ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps an optimizer so that it respects a constraint set.
 
   Two things happen in each ``update``:
@@ -67,11 +68,16 @@ def projected(inner: optax.GradientTransformation, constraint,
   ``inner`` and, as through ``optax.chain(inner, posconstr.project(...))``,
   the parameters (Adam turns ``inf`` into a NaN step).
 
-  Where step 1 zeroed a gradient, a NaN step from ``inner`` is taken as 0:
-  ``optax.adam``'s default ``eps=1e-8`` is 0 in float16, so Adam's step for
-  an exactly zero gradient is ``0 / 0``. NaN gradients still reach the
-  parameters (plain ``optax.adam`` in float16 has the same ``0 / 0`` for
-  gradients that are zero on their own: pass ``eps=1e-4`` there).
+  Where step 1 zeroed a gradient, a NaN step from ``inner`` is taken as 0
+  (``nan_guard``): ``optax.adam``'s default ``eps=1e-8`` is 0 in float16, so
+  Adam's step for an exactly zero gradient is ``0 / 0``. NaN gradients still
+  reach the parameters (plain ``optax.adam`` in float16 has the same
+  ``0 / 0`` for gradients that are zero on their own: pass ``eps=1e-4``
+  there). The guard needs the mask once more after ``inner``, so XLA keeps
+  the mask in memory instead of fusing it into ``inner``'s own loops: with
+  ``nan_guard=False`` the mask costs what it costs written by hand (see the
+  benchmarks in the README). Turn it off only where ``inner``'s step for a
+  zero gradient is finite (Adam's in float32 and float64 with ``eps > 0``).
 
   ``projected`` is a whole optimizer, not a link: use it in place of
   ``inner`` (it may itself be a chain). Nothing may come after it.
@@ -81,6 +87,7 @@ def projected(inner: optax.GradientTransformation, constraint,
     constraint: a constraint set, or a rules mapping
       ``{pattern: constraint or None}`` as in :func:`posconstr.constrain`.
     mask: with a single set, which leaves (see :func:`posconstr.project`).
+    nan_guard: whether a NaN step where the gradient was zeroed becomes 0.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -100,6 +107,9 @@ def projected(inner: optax.GradientTransformation, constraint,
   """
   owner = "projected"
   _constraint.check_optimizer_arg(inner, "inner", owner)
+  if not isinstance(nan_guard, bool):
+    raise TypeError(f"projected: nan_guard={nan_guard!r}; it must be True or "
+                    "False.")
   make_plan = _projection.plan_maker(constraint, mask, owner)
   inner = optax.with_extra_args_support(inner)
 
@@ -119,13 +129,14 @@ def projected(inner: optax.GradientTransformation, constraint,
         updates)))
     steps, inner_state = inner.update(grads, state.inner_state, params,
                                       **extra_args)
-    # Adam's step for a zero gradient is 0 / 0 when its eps underflows
-    # (1e-8 in float16); the zero was ours, and a zero gradient's step is 0.
-    # A NaN gradient is never zeroed, so its NaN step still reaches params.
-    steps = treedef.unflatten(
-        s if d is None else _zeroed(d & jnp.isnan(s), s)
-        for d, s in zip(dropped, _projection.leaves_like(treedef, steps,
-                                                         owner)))
+    if nan_guard:
+      # Adam's step for a zero gradient is 0 / 0 when its eps underflows
+      # (1e-8 in float16); the zero was ours, and a zero gradient's step is
+      # 0. A NaN gradient is never zeroed: its NaN step still reaches params.
+      steps = treedef.unflatten(
+          s if d is None else _zeroed(d & jnp.isnan(s), s)
+          for d, s in zip(dropped, _projection.leaves_like(treedef, steps,
+                                                           owner)))
     return (_projection.land(plan, steps, params, owner),
             ProjectedState(inner_state))
 
