@@ -109,6 +109,13 @@ def _maxnorm_kernels(params, max_value=2.0):
   return jax.tree_util.tree_map_with_path(one, params)
 
 
+def _unitnorm_kernels(params):
+  """UnitNorm(axis=0) of the kernels, by hand (a reference)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p / jnp.sqrt(jnp.sum(p * p, axis=0, keepdims=True))
+      if _is_kernel(path) else p, params)
+
+
 def _is_kernel(path) -> bool:
   return jax.tree_util.keystr(path).endswith("['kernel']")
 
@@ -173,6 +180,7 @@ def variant_specs() -> Dict[str, Dict[str, Any]]:
       "adam; jit(max)": {"tx": adam(), "separate": _nonneg_tree},
       "adam+max in-jit": {"tx": adam(), "post": _nonneg_tree},
       "adam+maxnorm in-jit": {"tx": adam(), "post": _maxnorm_kernels},
+      "adam+unitnorm in-jit": {"tx": adam(), "post": _unitnorm_kernels},
   }
 
 
@@ -356,9 +364,10 @@ def main(argv=None, name: str = "projection_overhead",
   args = _timing.parse_args(ap, argv, name, repeats=40,
                             min_repeats=15, warmup=1,
                             quick={"repeats": 8, "min_repeats": 5})
-  if args.huge_pages and HUGE_PAGES not in os.environ.get(
+  if args.huge_pages and "glibc.malloc.hugetlb=" not in os.environ.get(
       "GLIBC_TUNABLES", ""):
-    # glibc reads its tunables at start-up only: start again with them.
+    # glibc reads its tunables at start-up only: start again with them (a
+    # hugetlb setting of the caller's own, e.g. =2, is kept as it is).
     env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [
         os.environ.get("GLIBC_TUNABLES"), HUGE_PAGES])))
     os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)

@@ -36,6 +36,8 @@ ROWS = {
     "`project(MinMaxNorm(0.5, 2, axis=0))`": "minmaxnorm(kernel)",
     "`project_params(UnitNorm(axis=0))` after `apply_updates`":
         "unitnorm(kernel) post",
+    "the same by hand, `p / norm(p)`, after `apply_updates`":
+        "adam+unitnorm in-jit",
     "`project(Simplex(axis=0))`": "simplex(kernel)",
     "`project_params(Simplex(axis=0))` after `apply_updates`":
         "simplex(kernel) post",
