@@ -31,7 +31,8 @@ SMALL = ("projection_overhead=--sizes 0.05M --repeats 4 --min-repeats 3 "
          "reparam_overhead=--batches 16 --width 256 --repeats 4 "
          "--min-repeats 3",
          "lbfgsb=--problems 200x50 --repeats 3 --min-repeats 3",
-         "nnls_batch=--cases unmix --unmix-k 64 --repeats 3 --min-repeats 3")
+         "nnls_batch=--cases unmix --unmix-k 64 --repeats 3 --min-repeats 3",
+         "column_sums=--columns 12500 --repeats 2 --min-repeats 2")
 MARKDOWN_SEPARATOR = re.compile(r"^\|(:?-+:?\|)+$", re.MULTILINE)
 
 
