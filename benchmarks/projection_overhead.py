@@ -306,7 +306,8 @@ README_ROWS = {
     "the same, `nan_guard=False`": "projected(kernel) unguarded",
     "their floor: the same mask by hand before Adam": "mask by hand+adam",
     "`project(MaxNorm(2, axis=0))`": "maxnorm(kernel)",
-    "its floor: `P(p + u) - p` by hand after Adam": "adam+maxnorm update by hand",
+    "its floor: `P(p + u) - p` by hand after Adam":
+        "adam+maxnorm update by hand",
     "`project_params(MaxNorm(2, axis=0))` after `apply_updates`":
         "maxnorm(kernel) post",
     "MaxNorm by hand after `apply_updates`, same jit": "adam+maxnorm in-jit",
