@@ -479,6 +479,8 @@ def test_projected_without_its_nan_guard():
                            bare.init(params), params)
   assert np.isnan(np.asarray(updates["w"], np.float32)).tolist() == [
       True, False]
+  posconstr.projected(optax.adam(0.1), posconstr.NonNegative(),
+                      nan_guard=np.bool_(False))  # NumPy's bools are bools.
   with pytest.raises(TypeError, match="nan_guard=1"):
     posconstr.projected(optax.adam(0.1), posconstr.NonNegative(),
                         nan_guard=1)

@@ -44,7 +44,8 @@ def small_blocks(monkeypatch):
 def test_slice_sums_are_plain_sums_with_several_cpu_devices(small_blocks,
                                                              monkeypatch):
   # The arrays may be sharded then: no blocks (their dynamic slices would
-  # gather a sharded leading axis), no variadic reduction.
+  # gather a sharded leading axis), and plain sums (a maximum among the
+  # terms would make them one variadic reduction).
   monkeypatch.setattr(jax, "devices", lambda *args: [None, None])
   x = jnp.ones((10, 4))
   fn = jax.jit(lambda x: _slice_sums.slice_sums(
@@ -232,20 +233,33 @@ def test_simplex_on_a_leaf_past_the_blocking_threshold(x64):
                                 ~support & (row > rmean))
 
 
-def test_simplex_from_the_mean_start_far_from_the_origin(offset=1e3):
+def test_simplex_from_the_mean_start_far_from_the_origin():
   # Every coordinate within `scale` of its column's maximum: Newton starts
   # from the mean less its rounding bound, which must stay left of the
-  # root also where |v| >> scale (float32, 1e3: the sums lose 5 digits).
+  # root also where |v| >> scale (float32, 100: the sums lose 4 digits).
+  from posconstr.sets import _simplex  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(7)
-  v = (offset + rng.normal(size=(1100, 1000)) * 1e-3).astype(np.float32)
+  v = (100 + rng.normal(size=(1100, 1000)) * 1e-3).astype(np.float32)
+  _, start = _simplex._top_and_start(jnp.asarray(v), jnp.float32(1), (0,))
+  assert (np.asarray(start) > -1).all()  # The mean, in every column.
   v[:, 0] = np.nan  # A NaN column stays NaN, the others are unaffected.
   v[5, 1] = np.inf
   y = np.asarray(jax.jit(Simplex(axis=0).project)(v))
   assert np.isnan(y[:, :2]).all()
   want = _sort_simplex(v[:, 2:].astype(np.float64), 1.0)
   np.testing.assert_allclose(y[:, 2:], want, rtol=0,
-                             atol=8 * np.spacing(np.float32(offset + 1)))
+                             atol=8 * np.spacing(np.float32(101)))
   assert float(Simplex(axis=0).violation(y[:, 2:])) == 0
+
+
+@pytest.mark.parametrize("rows", [100, 1100])
+def test_a_nan_makes_its_whole_simplex_slice_nan_at_any_size(rows):
+  # Below and past 2^20 weights (XLA:CPU's maximum alone can skip a NaN).
+  v = np.random.default_rng(9).normal(size=(rows, 1000)).astype(np.float32)
+  v[rows // 2, 7] = np.nan
+  y = np.asarray(jax.jit(Simplex(axis=0).project)(v))
+  assert np.isnan(y[:, 7]).all()
+  assert not np.isnan(np.delete(y, 7, axis=1)).any()
 
 
 @pytest.mark.parametrize("step,most", [("sign", 2), ("normal", 6)])

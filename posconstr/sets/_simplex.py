@@ -26,8 +26,9 @@ def _threshold(v, top, start, scale, axes):
   transpose; ``w`` is formed as it is read and never stored. A slice stops
   when its count stops falling (at most ``n`` steps; rounding near the root
   could otherwise make it cycle), or as soon as the smallest ``w`` it
-  counted is above its new ``theta``: the next pass would count the same
-  coordinates, and stop there with the same ``theta`` (this saves it).
+  counted is above its new ``theta``: the next pass would count at least
+  those coordinates, and stop there with the same ``theta`` (this saves
+  it).
   """
   def step(carry):
     theta, count, _ = carry
@@ -62,24 +63,30 @@ def _top_and_start(v, scale, axes):
   ``f(theta) >= sum(w - theta)``. Newton's first step from ``-scale`` lands
   on the mean when every coordinate is within ``scale`` of the maximum, as
   on weights the projection placed one small step before: starting there
-  saves that pass. The mean is taken less a bound on its rounding (the sum's
-  error is at most ``(n - 1) u sum|v|``; 4x that and the other roundings'
-  here, with ``n eps <= 1/64``), and only where it is right of ``-scale``
-  (so never NaN). Leaves under ``_MIN_ELEMENTS`` start at ``-scale``: one
-  plain maximum, as before, in every small leaf.
+  saves that pass. The mean is taken less a bound on its rounding (the
+  sum's error over ``n`` is at most about ``u sum|v|``; the margin is 16x
+  that and the other roundings' here, with ``n eps <= 1/64``), and only
+  where it is right of ``-scale`` (so never NaN). Leaves under
+  ``_MIN_ELEMENTS`` start at ``-scale``.
+
+  A slice with a NaN gets a NaN maximum, so that all of its output is NaN,
+  whatever the leaf's size (XLA:CPU's maximum alone may skip a NaN).
   """
   n = base.slice_size(v.shape, axes)
   eps = float(jnp.finfo(v.dtype).eps)
   shape = [1 if a in axes else d for a, d in enumerate(v.shape)]
   if v.size < _slice_sums._MIN_ELEMENTS or n * eps > 1 / 64:
-    return (jnp.max(v, axis=axes, keepdims=True),
-            jnp.full(shape, -scale, v.dtype))
-  # One pass for all three (on CPU, and one variadic reduction elsewhere).
-  top, total, magnitude = _slice_sums.slice_sums(
-      lambda b: (b, b, jnp.abs(b)), [v], axes, ops=("max", "sum", "sum"))
-  mean = (total - scale) / n - top
-  start = mean - 8 * eps * (magnitude + scale + jnp.abs(top))
-  return top, jnp.where(start > -scale, start, -scale)
+    top = jnp.max(v, axis=axes, keepdims=True)
+    total = jnp.sum(v, axis=axes, keepdims=True)
+    start = jnp.full(shape, -scale, v.dtype)
+  else:
+    # One pass for all three (on CPU, and one variadic reduction elsewhere).
+    top, total, magnitude = _slice_sums.slice_sums(
+        lambda b: (b, b, jnp.abs(b)), [v], axes, ops=("max", "sum", "sum"))
+    mean = (total - scale) / n - top
+    start = mean - 8 * eps * (magnitude + scale + jnp.abs(top))
+    start = jnp.where(start > -scale, start, -scale)
+  return jnp.where(jnp.isnan(total), jnp.nan, top), start
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

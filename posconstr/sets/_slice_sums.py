@@ -163,7 +163,8 @@ def slice_sums(terms: Callable[..., Sequence[jax.Array]],
     xs: arrays of one shape.
     axes: the normalized axes the slices span.
     ops: per term, ``"sum"`` (the default for all) or ``"max"`` (a float
-      term's maximum, NaN if the slice has one, ``-inf`` if it is empty).
+      term's maximum, ``-inf`` if the slice is empty; XLA:CPU's maximum may
+      skip a NaN, so test a sum for NaN where that matters).
 
   Returns:
     One sum (or maximum) per term, in the term's dtype, each of the

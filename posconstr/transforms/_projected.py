@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from posconstr.sets import _constraint
@@ -107,7 +108,7 @@ def projected(inner: optax.GradientTransformation, constraint,
   """
   owner = "projected"
   _constraint.check_optimizer_arg(inner, "inner", owner)
-  if not isinstance(nan_guard, bool):
+  if not isinstance(nan_guard, (bool, np.bool_)):
     raise TypeError(f"projected: nan_guard={nan_guard!r}; it must be True or "
                     "False.")
   make_plan = _projection.plan_maker(constraint, mask, owner)
