@@ -98,35 +98,36 @@ def _nonneg_tree(params):
   return jax.tree.map(lambda p: jnp.maximum(p, 0), params)
 
 
+def _on_kernels(fn, tree, *rest):
+  """``fn`` on the kernels of ``tree`` (and the same leaves of ``rest``);
+  other leaves of ``tree`` as they are."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x, *r: fn(x, *r)
+      if jax.tree_util.keystr(path).endswith("['kernel']") else x,
+      tree, *rest)
+
+
 def _maxnorm_kernels(params, max_value=2.0):
   """Keras-style MaxNorm(axis=0) of the kernels, by hand (a reference)."""
-  def one(path, p):
-    if not _is_kernel(path):
-      return p
+  def one(p):
     norm = jnp.sqrt(jnp.sum(p * p, axis=0, keepdims=True))
     return p * jnp.where(norm <= max_value, 1.0,
                          max_value / jnp.where(norm > 0, norm, 1.0))
-  return jax.tree_util.tree_map_with_path(one, params)
+  return _on_kernels(one, params)
 
 
 def _unitnorm_kernels(params):
   """UnitNorm(axis=0) of the kernels, by hand (a reference)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, p: p / jnp.sqrt(jnp.sum(p * p, axis=0, keepdims=True))
-      if _is_kernel(path) else p, params)
-
-
-def _is_kernel(path) -> bool:
-  return jax.tree_util.keystr(path).endswith("['kernel']")
+  return _on_kernels(
+      lambda p: p / jnp.sqrt(jnp.sum(p * p, axis=0, keepdims=True)), params)
 
 
 def _mask_by_hand() -> optax.GradientTransformation:
   """The projected gradient at 0 by hand, for the kernels (the floor of
   ``projected``: what its mask costs at the least)."""
   def update(grads, state, params):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, g, p: jnp.where((p <= 0) & (g > 0), 0, g)
-        if _is_kernel(path) else g, grads, params), state
+    return _on_kernels(lambda g, p: jnp.where((p <= 0) & (g > 0), 0, g),
+                       grads, params), state
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
@@ -173,9 +174,8 @@ def variant_specs() -> Dict[str, Dict[str, Any]]:
                          ("simplex", posconstr.Simplex(axis=0)))},
       "mask by hand+adam": {
           "tx": optax.chain(_mask_by_hand(), adam()),
-          "post": lambda params: jax.tree_util.tree_map_with_path(
-              lambda path, p: jnp.maximum(p, 0) if _is_kernel(path) else p,
-              params)},
+          "post": functools.partial(_on_kernels,
+                                    lambda p: jnp.maximum(p, 0))},
       "adam+maxnorm update by hand": with_adam(_maxnorm_update_by_hand()),
       "adam; jit(max)": {"tx": adam(), "separate": _nonneg_tree},
       "adam+max in-jit": {"tx": adam(), "post": _nonneg_tree},

@@ -74,11 +74,10 @@ def _top_and_start(v, scale, axes):
   """
   n = base.slice_size(v.shape, axes)
   eps = float(jnp.finfo(v.dtype).eps)
-  shape = [1 if a in axes else d for a, d in enumerate(v.shape)]
   if v.size < _slice_sums._MIN_ELEMENTS or n * eps > 1 / 64:
     top = jnp.max(v, axis=axes, keepdims=True)
     total = jnp.sum(v, axis=axes, keepdims=True)
-    start = jnp.full(shape, -scale, v.dtype)
+    start = jnp.full(top.shape, -scale, v.dtype)
   else:
     # One pass for all three (on CPU, and one variadic reduction elsewhere).
     top, total, magnitude = _slice_sums.slice_sums(

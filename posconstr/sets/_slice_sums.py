@@ -50,10 +50,15 @@ _OPS = {"sum": (lax.add, lambda dtype: jnp.zeros((), dtype)),
         "max": (lax.max, lambda dtype: jnp.array(-jnp.inf, dtype))}
 
 
-def _sums(terms, xs, axes, ops):
+def _plain(t, axes, op):
   # The dtype of a sum is the term's: int32 counts stay int32 under x64.
-  return tuple(jnp.sum(t, axes, t.dtype, keepdims=True) if op == "sum"
-               else jnp.max(t, axes, keepdims=True, initial=-jnp.inf)
+  if op == "sum":
+    return jnp.sum(t, axes, t.dtype, keepdims=True)
+  return jnp.max(t, axes, keepdims=True, initial=-jnp.inf)
+
+
+def _sums(terms, xs, axes, ops):
+  return tuple(_plain(t, axes, op)
                for t, op in zip(terms(*xs), ops, strict=True))
 
 
@@ -114,13 +119,13 @@ def _halved_sums(terms, xs, k, ops):
   (term,) = terms(*[x[:whole].reshape(blocks, _LONE_BLOCK_ROWS,
                                       *(1,) * (k - 1), *rest) for x in flat])
   top, bottom = _reduced((term[:, :half], term[:, half:]), (1,), ops * 2)
-  (result,) = _sums(lambda t: (t,), [_combined(ops, (top,), (bottom,))[0]],
-                    (0,), ops)
-  result = result.reshape((1,) * k + rest)
+  (op,) = ops
+  combine = _OPS[op][0]
+  result = _plain(combine(top, bottom), (0,), op).reshape((1,) * k + rest)
   if whole < rows:  # The leftover rows, fewer than a block.
-    result = _combined(ops, (result,), _sums(terms, [
-        x[whole:].reshape(rows - whole, *(1,) * (k - 1), *rest)
-        for x in flat], (0,), ops))[0]
+    (leftover,) = terms(*[x[whole:].reshape(rows - whole, *(1,) * (k - 1),
+                                            *rest) for x in flat])
+    result = combine(result, _plain(leftover, (0,), op))
   return (result,)
 
 
