@@ -131,7 +131,7 @@ def _mask_by_hand() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def _maxnorm_update_by_hand() -> optax.GradientTransformation:
+def maxnorm_update_by_hand() -> optax.GradientTransformation:
   """``MaxNorm(2, axis=0)(p + u) - p`` for the kernels, by hand (the floor of
   the optimizer form, without posconstr's exact landing)."""
   def update(updates, state, params):
@@ -176,7 +176,7 @@ def variant_specs() -> Dict[str, Dict[str, Any]]:
           "tx": optax.chain(_mask_by_hand(), adam()),
           "post": functools.partial(_on_kernels,
                                     lambda p: jnp.maximum(p, 0))},
-      "adam+maxnorm update by hand": with_adam(_maxnorm_update_by_hand()),
+      "adam+maxnorm update by hand": with_adam(maxnorm_update_by_hand()),
       "adam; jit(max)": {"tx": adam(), "separate": _nonneg_tree},
       "adam+max in-jit": {"tx": adam(), "post": _nonneg_tree},
       "adam+maxnorm in-jit": {"tx": adam(), "post": _maxnorm_kernels},

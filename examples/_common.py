@@ -272,8 +272,8 @@ def machine_line() -> str:
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f
-                 if l.startswith("model name"))
+      cpu = next(line.split(":", 1)[1].strip() for line in f
+                 if line.startswith("model name"))
   except (OSError, StopIteration):
     pass
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

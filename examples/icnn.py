@@ -54,7 +54,6 @@ from typing import Any, Dict, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common.
 import _common  # noqa: E402  pylint: disable=g-import-not-at-top
-
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -139,7 +138,8 @@ def convexity_gap(model: nn.Module, params, a: jax.Array, b: jax.Array):
   energies; convex energies give a gap <= 0 up to float32 rounding
   (``CONVEXITY_TOL``).
   """
-  f = lambda x: model.apply({"params": params}, x)
+  def f(x):
+    return model.apply({"params": params}, x)
   t = jnp.asarray(SEGMENT_T, jnp.float32)[None, :, None]  # (1, T, 1)
   mid = f(t * a[:, None] + (1 - t) * b[:, None])  # (n, T, outputs)
   fa, fb = f(a)[:, None], f(b)[:, None]

@@ -51,7 +51,6 @@ from typing import Any, Dict, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common.
 import _common  # noqa: E402  pylint: disable=g-import-not-at-top
-
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -165,7 +164,8 @@ def predict_with_grads(model: nn.Module, params, x: jax.Array,
 
   One compiled function per model serves the test points and the ICE grids.
   """
-  f = lambda row: model.apply({"params": params}, row[None])[0, 0]
+  def f(row):
+    return model.apply({"params": params}, row[None])[0, 0]
   values, grads = jax.vmap(jax.value_and_grad(f))(x)
   return values, grads[:, :num_monotone]
 

@@ -47,7 +47,6 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common.
 import _common  # noqa: E402  pylint: disable=g-import-not-at-top
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402

@@ -61,10 +61,9 @@ from typing import Any, Dict, Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common.
 import _common  # noqa: E402  pylint: disable=g-import-not-at-top
 import icnn as icnn_example  # noqa: E402  pylint: disable=g-import-not-at-top
-import lbfgs_network  # noqa: E402  pylint: disable=g-import-not-at-top
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import lbfgs_network  # noqa: E402  pylint: disable=g-import-not-at-top
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402

@@ -52,7 +52,8 @@ class Problem(NamedTuple):
 
 def _problem(name, fun, x0, lower, upper, f_star, source):
   n = len(x0)
-  as_array = lambda b: np.broadcast_to(np.asarray(b, np.float64), (n,)).copy()
+  def as_array(b):
+    return np.broadcast_to(np.asarray(b, np.float64), (n,)).copy()
   return Problem(name, fun, np.asarray(x0, np.float64), as_array(lower),
                  as_array(upper), float(f_star), source)
 

@@ -5,11 +5,11 @@ the fixtures built on them live in ``conftest.py``.
 """
 
 import flax.linen as nn
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 
 class TwoDense(nn.Module):
@@ -33,9 +33,13 @@ class NnxMLP(nnx.Module):
 
 
 def two_dense_params(scale: float = 1.0, seed: int = 0):
-  """float32 ``{Dense_0, Dense_1}: {kernel (4, 4), bias (4,)}``, normal draws."""
+  """Normal draws as float32 params.
+
+  The tree is ``{Dense_0, Dense_1}: {kernel (4, 4), bias (4,)}``.
+  """
   rng = np.random.default_rng(seed)
-  f32 = lambda *s: jnp.asarray(rng.normal(size=s) * scale, jnp.float32)
+  def f32(*s):
+    return jnp.asarray(rng.normal(size=s) * scale, jnp.float32)
   return {"Dense_0": {"kernel": f32(4, 4), "bias": f32(4)},
           "Dense_1": {"kernel": f32(4, 4), "bias": f32(4)}}
 

@@ -10,8 +10,9 @@ Prints one JSON line per case.
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8")
+if __name__ == "__main__":  # Not when imported (pytest given this file).
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8")
 
 import json  # noqa: E402
 import re  # noqa: E402
@@ -20,7 +21,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import posconstr  # noqa: E402
 from posconstr.sets import _slice_sums  # noqa: E402
@@ -47,7 +50,8 @@ def main():
                       "bias": jax.random.normal(k2, (48,))}}
   grads = jax.tree.map(lambda x: jax.random.normal(k3, x.shape), params)
   # The kernel's columns (axis 1) are sharded 8 ways; axis 0 is not.
-  shardings = {"layer": {"kernel": NamedSharding(mesh, P(None, ("data", "model"))),
+  shardings = {"layer": {"kernel": NamedSharding(mesh,
+                                                 P(None, ("data", "model"))),
                          "bias": NamedSharding(mesh, P(("data", "model")))}}
   sharded_params = jax.device_put(params, shardings)
   sharded_grads = jax.device_put(grads, shardings)

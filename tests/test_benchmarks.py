@@ -172,7 +172,8 @@ def test_a_script_refuses_to_write_the_summary_from_a_quick_run(capsys):
 OTHER_SUMMARIES = {"projection_scale": "projection_overhead",
                    "projection_scale_hugetlb": "projection_overhead",
                    "compile_cost": "compile_cost",
-                   "compile_cost_10k": "compile_cost"}
+                   "compile_cost_10k": "compile_cost",
+                   "compile_cost_floors": "compile_cost"}
 
 
 @pytest.mark.parametrize("name,script", [

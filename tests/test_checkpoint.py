@@ -12,6 +12,7 @@ optimizer state), and the restored tree must have the original structure
 
 import functools
 
+import _models
 import flax.linen as nn
 import flax.serialization
 import jax
@@ -20,11 +21,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from _reference import lbfgsb_line_search_step
 from flax import nnx
 
-import _models
 import posconstr as pc
-from _reference import lbfgsb_line_search_step
 
 N, M = 3, 3
 X = jax.random.normal(jax.random.key(0), (16, 4))

@@ -14,13 +14,13 @@ import subprocess
 import sys
 
 import hypothesis
-from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from hypothesis import strategies as st
 
 import posconstr as pc
 from posconstr.sets import _landing

@@ -7,6 +7,7 @@ step below counts its traces with a Python counter incremented inside the
 traced function and is also wrapped in ``chex.assert_max_traces(n=1)``.
 """
 
+import _models
 import chex
 import flax.linen as nn
 import jax
@@ -14,11 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _reference import lbfgsb_line_search_step
 from flax import nnx
 
-import _models
 import posconstr as pc
-from _reference import lbfgsb_line_search_step
 
 STEPS = 10
 

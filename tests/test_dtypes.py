@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import posconstr as pc
 from _reference import DTYPES
 from _reference import assert_dtypes as _assert_dtypes
 from _reference import mixed_dtype_tree as _tree
+
+import posconstr as pc
 
 HALF = (jnp.float16, jnp.bfloat16)
 

@@ -14,12 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import posconstr as pc
 from _reference import DTYPES
 from _reference import assert_dtypes as _assert_dtypes
 from _reference import mixed_dtype_tree as _tree
 
+import posconstr as pc
 
 PARAMETERIZATIONS = {
     "Softplus": pc.Softplus(),
@@ -115,8 +114,9 @@ def _computed(dtype_name):
 
   Returns ``(z, ws, results)``; ``results[i]`` holds, for the i-th
   parameterization: forward of latents z in [-100, 100] and (a second jit)
-  the violation of those values; for the value grid ``ws[i]``: ``inverse``, ``forward`` of it
-  and ``derivative`` there; the same three for the two ends of the range.
+  the violation of those values; for the value grid ``ws[i]``: ``inverse``,
+  ``forward`` of it and ``derivative`` there; the same three for the two
+  ends of the range.
   """
   dtype = DTYPES[dtype_name]
   z = np.asarray(jnp.asarray(np.linspace(-100, 100, 401), dtype))

@@ -8,6 +8,7 @@ norms in float64.
 
 import io
 
+import equinox as eqx  # pylint: disable=g-bad-import-order  # In the test extra.
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,10 +16,8 @@ import optax
 import pytest
 
 import posconstr
-from posconstr import initializers
-
-import equinox as eqx  # pylint: disable=g-bad-import-order  # In the test extra.
 import posconstr.equinox as pceqx  # pylint: disable=g-bad-import-order
+from posconstr import initializers
 
 RULES = {"*weight": posconstr.Softplus()}
 
@@ -170,7 +169,7 @@ def test_reparam_inside_filter_grad_is_the_chain_rule():
 def test_equinox_layout_needs_axis_minus_one():
   # eqx.nn.Linear.weight is (out, in): axis=-1 bounds each unit's inputs.
   layer = eqx.nn.Linear(6, 4, key=jax.random.key(0))
-  big = eqx.tree_at(lambda l: l.weight, layer, layer.weight * 10)
+  big = eqx.tree_at(lambda linear: linear.weight, layer, layer.weight * 10)
   per_unit = posconstr.project_params(big, posconstr.MaxNorm(1.0, axis=-1),
                                       mask="weight")
   norms = np.linalg.norm(np.asarray(per_unit.weight, np.float64), axis=1)
@@ -237,7 +236,7 @@ def test_gradients_reach_the_latents_and_training_works():
     model, opt_state, loss = step(model, opt_state)
     first = float(loss) if first is None else first
   assert float(loss) < 0.7 * first
-  assert any(float(jnp.min(l.weight.latent)) < 0 for l in model.layers)
+  assert any(float(jnp.min(layer.weight.latent)) < 0 for layer in model.layers)
   assert all(float(jnp.min(w)) >= 0 for w in _weights(pceqx.unwrap(model)))
 
 

@@ -13,9 +13,6 @@ import sys
 import numpy as np
 import pytest
 
-import matplotlib  # pylint: disable=unused-import  # Fail loudly if missing.
-import sklearn  # pylint: disable=unused-import
-
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 pytestmark = pytest.mark.slow
 

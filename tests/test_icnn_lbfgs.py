@@ -10,11 +10,11 @@ with unconstrained ``Wz`` must violate it somewhere.
 from typing import Sequence
 
 import flax.linen as nn
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from scipy.optimize import nnls
 from sklearn.datasets import load_diabetes
 
@@ -105,7 +105,8 @@ def _make_gap(model):
   @jax.jit
   def gap(params, a, b):
     """f(t a + (1-t) b) - (t f(a) + (1-t) f(b)), relative to the values."""
-    f = lambda z: model.apply({"params": params}, z)
+    def f(z):
+      return model.apply({"params": params}, z)
     t = T[None, :, None]
     mid = f(t * a[:, None] + (1 - t) * b[:, None])
     fa, fb = f(a)[:, None], f(b)[:, None]
@@ -140,7 +141,8 @@ def test_unconstrained_twin_violates_convexity():
   i, j = np.unravel_index(np.argmax(g), g.shape)
   t = float(T[j])
   apply = jax.jit(NOT_CONVEX.apply)
-  f = lambda z: float(apply({"params": params}, z[None])[0])
+  def f(z):
+    return float(apply({"params": params}, z[None])[0])
   assert f(t * a[i] + (1 - t) * b[i]) > t * f(a[i]) + (1 - t) * f(b[i]) + 1e-3
 
 

@@ -131,7 +131,8 @@ def test_bounded_rosenbrock_matches_finite_differences(x64):
 @pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_active_bounds_carry_their_coordinates(x64):
   """d x / d upper = 1 where the upper bound is active, 0 where not."""
-  f = lambda x, c: jnp.sum((x - c) ** 2)
+  def f(x, c):
+    return jnp.sum((x - c) ** 2)
   c = jnp.array([2.0, 0.0, 5.0])
 
   def solution(upper, lower):
@@ -162,7 +163,8 @@ def test_degenerate_point_has_a_finite_one_sided_derivative(x64):
 def test_singular_free_block_gives_a_finite_derivative(x64):
   """A linear objective in a free coordinate has no curvature there: the
   reduced system is singular, conjugate gradients stop, nothing is NaN."""
-  f = lambda x, c: c[0] * x[0] + (x[1] - c[1]) ** 2 + 0.0 * x[2]
+  def f(x, c):
+    return c[0] * x[0] + (x[1] - c[1]) ** 2 + 0.0 * x[2]
   J = jax.jacrev(lambda c: posconstr.minimize(
       f, jnp.full(3, 0.5), 0.0, 1.0, args=(c,)).params)(jnp.array([1.0, 0.3]))
   assert np.isfinite(np.asarray(J)).all()
@@ -172,8 +174,9 @@ def test_singular_free_block_gives_a_finite_derivative(x64):
 def test_optimal_value_follows_the_envelope_theorem(x64):
   A, b = _nnls_problem(seed=4)
   A_, b_ = jnp.asarray(A), jnp.asarray(b)
-  value = lambda b: posconstr.minimize(_lsq, jnp.zeros(A.shape[1]), lower=0.0,
-                                       args=(A_, b), tol=1e-12).value
+  def value(b):
+    return posconstr.minimize(_lsq, jnp.zeros(A.shape[1]), lower=0.0,
+                                         args=(A_, b), tol=1e-12).value
   x, _ = so.nnls(A, b)
   np.testing.assert_allclose(np.asarray(jax.grad(value)(b_)), b - A @ x,
                              atol=1e-10)
@@ -183,7 +186,8 @@ def test_optimal_value_follows_the_envelope_theorem(x64):
 def test_vmapped_gradients_match_per_problem(x64):
   As, bs = zip(*[_nnls_problem(seed=s, m=12, n=4) for s in range(5)])
   As, bs = jnp.asarray(np.stack(As)), jnp.asarray(np.stack(bs))
-  loss = lambda A, b: jnp.sum(_nnls_solution(A, b) ** 2)
+  def loss(A, b):
+    return jnp.sum(_nnls_solution(A, b) ** 2)
   batched = jax.vmap(jax.grad(loss, argnums=1))(As, bs)
   for i in range(5):
     J, _ = _closed_form_db(np.asarray(As[i]), np.asarray(bs[i]))
@@ -223,10 +227,11 @@ def test_matches_jaxopt_implicit_differentiation(x64):
   A_, b_ = jnp.asarray(A), jnp.asarray(b)
   solver = jaxopt.LBFGSB(fun=_lsq, tol=1e-12, maxiter=2000,
                          implicit_diff=True)
-  peer = lambda b: solver.run(jnp.full(A.shape[1], 0.1),
-                              bounds=(jnp.zeros(A.shape[1]),
-                                      jnp.full(A.shape[1], jnp.inf)),
-                              A=A_, b=b).params
+  def peer(b):
+    return solver.run(jnp.full(A.shape[1], 0.1),
+                                bounds=(jnp.zeros(A.shape[1]),
+                                        jnp.full(A.shape[1], jnp.inf)),
+                                A=A_, b=b).params
   J_peer = np.asarray(jax.jacrev(peer)(b_))
   J_ref, _ = _closed_form_db(A, b)
   J = np.asarray(jax.jacrev(_nnls_solution, argnums=1)(A_, b_))

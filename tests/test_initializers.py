@@ -17,7 +17,6 @@ import pytest
 import posconstr
 from posconstr import initializers as init
 
-
 SHAPE = (64, 32)  # One small shape throughout: eager ops compile once.
 
 
@@ -42,13 +41,15 @@ def test_icnn_moments_match_the_paper():
   assert noisy.weight_var == pytest.approx(0.7 * 0.015625)
   assert noisy.bias_var == pytest.approx(0.3 * 0.5)
   assert noisy.weight_mean == m.weight_mean and noisy.bias_mean == m.bias_mean
-  assert init.icnn_moments(64, 0.5, var=4.0).bias_mean == pytest.approx(2 * m.bias_mean)
+  assert init.icnn_moments(64, 0.5, var=4.0).bias_mean == pytest.approx(
+      2 * m.bias_mean)
 
 
-@pytest.mark.parametrize("n,rho,var,noise", [(64, 0.5, 1.0, 0.0), (1, 0.5, 1.0, 0.0),
-                                             (2, 0.1, 1.0, 0.0), (256, 0.9, 3.0, 0.0),
-                                             (64, 0.3, 1.0, 0.4)])
-def test_icnn_moments_give_the_signal_propagation_fixed_point(n, rho, var, noise):
+@pytest.mark.parametrize("n,rho,var,noise", [
+    (64, 0.5, 1.0, 0.0), (1, 0.5, 1.0, 0.0), (2, 0.1, 1.0, 0.0),
+    (256, 0.9, 3.0, 0.0), (64, 0.3, 1.0, 0.4)])
+def test_icnn_moments_give_the_signal_propagation_fixed_point(n, rho, var,
+                                                              noise):
   # Inputs: pre-activations with variance `var` and pairwise correlation rho;
   # outputs s_j = sum_i w_ij relu(x_i) + b_j with iid weights of the given
   # mean and variance. Conditional on x, s_j has mean mu * sum(h) + b_mean
@@ -83,9 +84,11 @@ def test_icnn_samples_match_the_moments():
   raw = [math.exp(k * mu + k * k * s2 / 2) for k in range(5)]
   mean = raw[1]
   mu4 = raw[4] - 4 * mean * raw[3] + 6 * mean**2 * raw[2] - 3 * mean**4
-  assert mean == pytest.approx(m.weight_mean) and raw[2] - mean**2 == pytest.approx(m.weight_var)
+  assert (mean == pytest.approx(m.weight_mean)
+          and raw[2] - mean**2 == pytest.approx(m.weight_var))
   assert abs(w.mean() - m.weight_mean) < 5 * math.sqrt(m.weight_var / n)
-  assert abs(w.var() - m.weight_var) < 5 * math.sqrt((mu4 - m.weight_var**2) / n)
+  assert (abs(w.var() - m.weight_var)
+          < 5 * math.sqrt((mu4 - m.weight_var**2) / n))
   # log(w) is normal: its mean and variance pin the distribution tightly.
   lw = np.log(w)
   assert abs(lw.mean() - mu) < 5 * math.sqrt(s2 / n)
@@ -99,7 +102,8 @@ def test_icnn_samples_match_the_moments():
     ((5, 7, 3000), {"in_axis": (0, 1), "out_axis": -1}, 35),
 ])
 def test_icnn_fan_in_of_conv_and_custom_axes(shape, kwargs, fan_in):
-  w = np.asarray(sample(init.icnn(**kwargs), jax.random.key(1), shape), np.float64)
+  w = np.asarray(sample(init.icnn(**kwargs), jax.random.key(1), shape),
+                 np.float64)
   assert w.shape == shape
   m = init.icnn_moments(fan_in)
   mu, s2 = lognormal_params(m.weight_mean, m.weight_var)
@@ -130,8 +134,10 @@ def test_through_returns_latents_of_the_same_draw():
   latent = init.through(posconstr.Softplus(), init.icnn())(key, shape)
   np.testing.assert_allclose(latent, np.log(np.expm1(draw.astype(np.float64))),
                              rtol=1e-5, atol=1e-5)
-  half = init.through(posconstr.Softplus(), init.icnn())(key, shape, jnp.bfloat16)
-  assert half.dtype == jnp.bfloat16 and np.isfinite(np.asarray(half, np.float32)).all()
+  half = init.through(posconstr.Softplus(), init.icnn())(key, shape,
+                                                          jnp.bfloat16)
+  assert (half.dtype == jnp.bfloat16
+          and np.isfinite(np.asarray(half, np.float32)).all())
 
 
 def test_through_folds_by_default_and_rejects_with_fold_false():
@@ -139,7 +145,8 @@ def test_through_folds_by_default_and_rejects_with_fold_false():
   normal = jax.nn.initializers.normal(1.0)
   latent = init.through(g, normal)(jax.random.key(0), SHAPE)
   np.testing.assert_allclose(g.forward(latent),
-                             np.abs(normal(jax.random.key(0), SHAPE)), rtol=1e-5, atol=1e-6)
+                             np.abs(normal(jax.random.key(0), SHAPE)),
+                             rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="outside the range"):
     init.through(g, normal, fold=False)(jax.random.key(0), SHAPE)
   with pytest.raises(TypeError, match="parameterization"):
@@ -173,9 +180,11 @@ def test_icnn_bias_constant_and_noise():
   m = init.icnn_moments(64)
   b = init.icnn_bias(64)(jax.random.key(5), SHAPE)
   np.testing.assert_array_equal(b, np.full(SHAPE, m.bias_mean, np.float32))
-  assert init.icnn_bias(64)(jax.random.key(5), SHAPE, jnp.bfloat16).dtype == jnp.bfloat16
+  assert (init.icnn_bias(64)(jax.random.key(5), SHAPE, jnp.bfloat16).dtype
+          == jnp.bfloat16)
   n = 64 * 1600
-  noisy = sample(init.icnn_bias(64, bias_noise=0.3), jax.random.key(6), (64, 1600))
+  noisy = sample(init.icnn_bias(64, bias_noise=0.3), jax.random.key(6),
+                 (64, 1600))
   noisy = np.asarray(noisy, np.float64)
   var = 0.3 * (1 - 0.5)
   assert abs(noisy.mean() - m.bias_mean) < 5 * math.sqrt(var / n)
@@ -184,12 +193,15 @@ def test_icnn_bias_constant_and_noise():
 
 @pytest.mark.parametrize("kwargs,name", [
     ({"rho": 1.0}, "rho"), ({"rho": -1.0}, "rho"), ({"rho": 1.5}, "rho"),
-    ({"rho": 0.0}, "rho"), ({"rho": -0.5}, "rho"), ({"rho": float("nan")}, "rho"),
-    ({"var": 0.0}, "var"), ({"var": -1.0}, "var"), ({"var": float("nan")}, "var"),
+    ({"rho": 0.0}, "rho"), ({"rho": -0.5}, "rho"),
+    ({"rho": float("nan")}, "rho"),
+    ({"var": 0.0}, "var"), ({"var": -1.0}, "var"),
+    ({"var": float("nan")}, "var"),
     ({"bias_noise": 1.0}, "bias_noise"), ({"bias_noise": -0.1}, "bias_noise"),
     ({"alpha": -0.1}, "alpha")])
 def test_bad_arguments_raise_naming_them(kwargs, name):
-  for make in (lambda: init.icnn(**kwargs), lambda: init.icnn_bias(64, **kwargs),
+  for make in (lambda: init.icnn(**kwargs),
+               lambda: init.icnn_bias(64, **kwargs),
                lambda: init.icnn_moments(64, **kwargs)):
     with pytest.raises(ValueError, match=f"`{name}`"):
       make()

@@ -109,7 +109,8 @@ class InnerWrapped(nn.Module):
 def test_reparameterizing_a_latent_twice_is_refused():
   # Before: every case below silently computed g(g(z)).
   x = _x()
-  init = lambda m: m.init(jax.random.key(0), x)
+  def init(m):
+    return m.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match=r"`module` is already a "
                      r"Reparameterized \(of Dense\).*g\(g\(z\)\)"):
     init(Reparameterized(Reparameterized(nn.Dense(3))))

@@ -5,14 +5,14 @@ References: softplus in float64 NumPy, and plain ``nnx.Linear`` layers
 holding the applied weights.
 """
 
-from flax import nnx
+import _models
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-import _models
 import posconstr
 from posconstr.tree import _paths
 

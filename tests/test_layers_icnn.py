@@ -10,6 +10,7 @@ forms of Hoedt & Klambauer's code, linen with NNX on copied params.
 import functools
 import math
 
+import _models
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,6 @@ import optax
 import pytest
 from flax import nnx
 
-import _models
 import posconstr
 from posconstr import initializers
 from posconstr.linen import ICNN

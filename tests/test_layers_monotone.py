@@ -10,6 +10,7 @@ property-tested against their closed forms.
 
 import functools
 
+import _models
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,6 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import _models
 import posconstr
 from posconstr.layers import _monotone_math
 from posconstr.layers import _signed_math

@@ -14,12 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize as so
+from _reference import standardized_diabetes
 from sklearn import datasets
 
 import posconstr
 from posconstr.solvers import _lbfgsb_core as core
-from _reference import standardized_diabetes
-
 
 # ------------------------------------------------------------ problems
 
@@ -277,7 +276,8 @@ def test_pytree_per_leaf_bounds_and_dtypes(x64):
   assert r.params["dense"]["M"].shape == (5, 4)
   z = np.asarray(ravel(r.params))
   assert np.all(z >= lo) and np.all(z <= hi)
-  f = lambda u: 0.5 * np.sum((A @ u - b) ** 2)
+  def f(u):
+    return 0.5 * np.sum((A @ u - b) ** 2)
   z_ref, f_ref = _scipy_lbfgsb(f, lambda u: A.T @ (A @ u - b), np.zeros(26),
                                lo, hi)
   # Measured: |z - z_ref| 2.5e-7 (float32 leaf), gap 1e-13.

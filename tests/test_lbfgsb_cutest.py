@@ -12,12 +12,11 @@ evaluations in all against SciPy's 450; before the Wolfe search HS38 took
 
 import functools
 
+import _cutest
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import _cutest
 
 # The four problems that were worst before (HS38 4.4x, QUDLIN, HIMMELP1,
 # HATFLDB) run in the default suite; all fifteen behind `slow`.

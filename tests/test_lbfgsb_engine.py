@@ -3,7 +3,6 @@ found by trying both as a new user would, each against a closed form, NumPy
 or SciPy.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +10,11 @@ import numpy as np
 import optax
 import pytest
 import scipy.optimize as so
+from _reference import lbfgsb_line_search_step
+from _reference import standardized_diabetes
 
 import posconstr
 from posconstr import Status
-from _reference import lbfgsb_line_search_step, standardized_diabetes
 
 
 def _quadratic_2d():
@@ -93,7 +93,8 @@ def test_infeasible_params_are_only_projected_then_the_iteration_goes_on(
 def test_diabetes_warm_start_from_the_unconstrained_fit(x64):
   X, y = standardized_diabetes()
   A, b = jnp.asarray(X), jnp.asarray(y)
-  f = lambda x: 0.5 * jnp.sum((A @ x - b) ** 2)
+  def f(x):
+    return 0.5 * jnp.sum((A @ x - b) ** 2)
   x_ref, _ = so.nnls(X, y)
   f_ref = 0.5 * np.sum((X @ x_ref - y) ** 2)
   x0 = jnp.asarray(np.linalg.lstsq(X, y, rcond=None)[0])  # infeasible
@@ -110,7 +111,8 @@ def test_value_dtype_matches_the_params(x64, make):
   opt = posconstr.lbfgsb(lower=0.0)
   state = opt.init(params)
   assert state.value.dtype == params.dtype
-  f = lambda p: jnp.sum((p - 1) ** 2)
+  def f(p):
+    return jnp.sum((p - 1) ** 2)
   x, state = _loop(opt, f, params, 3)  # value_and_grad_from_state's cond
   assert x.dtype == params.dtype and state.value.dtype == params.dtype
   np.testing.assert_allclose(np.asarray(x, np.float64), 1.0, atol=1e-2)
@@ -123,7 +125,8 @@ def test_converged_state_makes_no_evaluations_and_zero_updates(x64):
   rng = np.random.default_rng(0)
   X = jnp.asarray(rng.normal(size=(100, 6)))
   y = jnp.asarray(rng.random(100) < 0.5, jnp.float64)
-  loss = lambda w: jnp.mean(jnp.logaddexp(0.0, X @ w) - y * (X @ w))
+  def loss(w):
+    return jnp.mean(jnp.logaddexp(0.0, X @ w) - y * (X @ w))
   calls = []
   f = _counted(loss, calls)
   opt = posconstr.lbfgsb(lower=0.0)
@@ -149,7 +152,8 @@ def test_converged_state_makes_no_evaluations_and_zero_updates(x64):
 
 @pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
 def test_bounded_rosenbrock_transform_stops_instead_of_cycling(x64):
-  f = lambda x: jnp.sum(100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2)
+  def f(x):
+    return jnp.sum(100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2)
   opt = posconstr.lbfgsb(lower=0.0, upper=0.8)
   step = jax.jit(lbfgsb_line_search_step(opt, f))
   x, state = jnp.full(5, 0.5), opt.init(jnp.full(5, 0.5))
@@ -168,7 +172,8 @@ def test_bounded_rosenbrock_transform_stops_instead_of_cycling(x64):
 
 
 def test_nan_value_is_visible_in_status_and_updates():
-  f = lambda x: jnp.sum(x ** 2) * jnp.nan
+  def f(x):
+    return jnp.sum(x ** 2) * jnp.nan
   opt = posconstr.lbfgsb(lower=0.0)
   x = jnp.ones(3)
   value, grad = jax.value_and_grad(f)(x)
@@ -221,7 +226,8 @@ def test_traced_memory_size_is_refused_naming_static_args():
 
 @pytest.mark.slow  # ~4 s; test_compile_once counts compilations too.
 def test_traced_tolerances_work_and_do_not_recompile(x64):
-  f = lambda x: jnp.sum((x - jnp.arange(4.0)) ** 2)
+  def f(x):
+    return jnp.sum((x - jnp.arange(4.0)) ** 2)
   solve = jax.jit(lambda tol, atol: posconstr.minimize(
       f, jnp.zeros(4), lower=1.0, tol=tol, atol=atol))
   r = solve(1e-8, 0.0)
@@ -234,7 +240,8 @@ def test_traced_tolerances_work_and_do_not_recompile(x64):
 
 def test_infinite_gradient_at_the_start(x64):
   """-sum(sqrt(x)) + 0.5 |x|^2 on x >= 0: g = -inf at 0; x* = 2^(-2/3)."""
-  f = lambda x: -jnp.sum(jnp.sqrt(x)) + 0.5 * jnp.sum(x ** 2)
+  def f(x):
+    return -jnp.sum(jnp.sqrt(x)) + 0.5 * jnp.sum(x ** 2)
   r = posconstr.minimize(f, jnp.zeros(3), lower=0.0)
   assert int(r.status) == Status.CONVERGED and int(r.num_iter) > 0
   np.testing.assert_allclose(np.asarray(r.params), 2.0 ** (-2 / 3), rtol=1e-7)
@@ -273,14 +280,16 @@ def test_linear_objective_goes_to_the_breakpoint_at_once(x64, bound):
 def test_rosenbrock_from_far_away_is_not_converged_at_a_poor_point(x64):
   """n = 7 from x0 = 1000: the gradient there is 4e11, so the relative test
   alone called f = 4169 converged after 25 evaluations."""
-  f = lambda x: jnp.sum(100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2)
+  def f(x):
+    return jnp.sum(100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2)
   r = posconstr.minimize(f, jnp.full(7, 1000.0), upper=1000.0)
   assert float(r.value) <= 1e-8, (float(r.value), int(r.status))
 
 
 def test_projected_gradient_is_measured_from_the_gradient(x64):
   """|g| = 4e-17 is below half an ulp of x = -1: x - P(x - g) rounds to 0."""
-  f = lambda x: 1e-17 * jnp.sum((x - 1) ** 2)
+  def f(x):
+    return 1e-17 * jnp.sum((x - 1) ** 2)
   start = posconstr.minimize(f, -jnp.ones(1), upper=10.0, maxiter=0)
   np.testing.assert_allclose(float(start.projected_grad_norm), 4e-17)
   assert not bool(start.converged)
@@ -290,7 +299,8 @@ def test_projected_gradient_is_measured_from_the_gradient(x64):
 
 
 def test_status_codes_and_their_flags(x64):
-  f = lambda x: jnp.sum((x - 2) ** 2) + jnp.sum(x[:-1] * x[1:])
+  def f(x):
+    return jnp.sum((x - 2) ** 2) + jnp.sum(x[:-1] * x[1:])
   capped = posconstr.minimize(f, jnp.zeros(6), lower=0.0, maxiter=1)
   assert int(capped.status) == Status.MAX_ITERATIONS
   assert not bool(capped.converged) and not bool(capped.stalled)

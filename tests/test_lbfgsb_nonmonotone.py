@@ -45,7 +45,8 @@ def test_window_reference_accepts_a_rise_with_a_flat_slope(x64):
   # x = -1 is the bottom of the next well to the left, higher than f(0.1),
   # with a flat slope there. The monotone test rejects it (and the search
   # zooms into the well at 0); a window reference above it accepts it.
-  f = lambda x: -jnp.cos(2 * jnp.pi * x) - x / 5
+  def f(x):
+    return -jnp.cos(2 * jnp.pi * x) - x / 5
   vg = jax.value_and_grad(f)
   x, d = jnp.asarray(0.1), jnp.asarray(-1.1)
   value, g = vg(x)
@@ -85,7 +86,8 @@ def _recorded_solve(monkeypatch, eta):
   monkeypatch.setattr(search_lib, "projected_search", recording)
   data = datasets.load_digits().data / 16.0
   A, b = jnp.asarray(data[:1000].T), jnp.asarray(data[1500])
-  fun = lambda x: 0.5 * jnp.sum((A @ x - b) ** 2)
+  def fun(x):
+    return 0.5 * jnp.sum((A @ x - b) ** 2)
   r = jax.jit(lambda x0: posconstr.minimize(
       fun, x0, lower=0.0, tol=1e-9, maxiter=1000,
       nonmonotone=eta))(jnp.zeros(1000))
@@ -120,7 +122,8 @@ def test_reference_matches_zhang_hager(x64, monkeypatch, eta):
 
 
 def test_bad_nonmonotone_raises():
-  f = lambda x: jnp.sum(x ** 2)
+  def f(x):
+    return jnp.sum(x ** 2)
   with pytest.raises(ValueError, match="`nonmonotone` must be in \\[0, 1\\]"):
     posconstr.minimize(f, jnp.ones(2), nonmonotone=1.5)
   with pytest.raises(ValueError, match="`nonmonotone` must be >= 0"):

@@ -15,9 +15,9 @@ import numpy as np
 import optax
 import pytest
 import scipy.optimize as so
+from _reference import standardized_diabetes
 
 import posconstr
-from _reference import standardized_diabetes
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,14 +181,16 @@ def test_fixed_learning_rate_needs_no_value_fn(x64):
 
 
 def test_line_search_mode_requires_value_and_value_fn():
-  f = lambda x: jnp.sum(x ** 2)
+  def f(x):
+    return jnp.sum(x ** 2)
   opt = posconstr.lbfgsb(lower=0.0)
   x = jnp.ones(3)
   state = opt.init(x)
   g = jax.grad(f)(x)
   # Traced under jit: the errors are raised while tracing, at no compile cost.
-  update = lambda params, **kw: jax.jit(
-      lambda p: opt.update(g, state, p, **kw))(params)
+  def update(params, **kw):
+    return jax.jit(
+        lambda p: opt.update(g, state, p, **kw))(params)
   with pytest.raises(ValueError, match="value_fn"):
     update(x, value=f(x), grad=g)
   with pytest.raises(ValueError, match="value"):

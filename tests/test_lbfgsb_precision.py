@@ -14,7 +14,6 @@ import scipy.optimize as so
 import posconstr
 from posconstr.solvers import _lbfgsb_core as core
 
-
 # ------------------------------------------------------------ two-loop
 
 
@@ -40,9 +39,10 @@ def _numpy_two_loop(pairs, q, gamma0, free):
 
 def _vmapped_product(memory, q, free=None):
   """``apply_inverse_hessian`` under vmap (its two-loop branch), 2 lanes."""
-  two = lambda t: jax.tree.map(lambda v: jnp.stack([v, v]), t)
-  out = jax.vmap(core.apply_inverse_hessian)(two(memory), two(q),
-                                             None if free is None else two(free))
+  def two(t):
+    return jax.tree.map(lambda v: jnp.stack([v, v]), t)
+  out = jax.vmap(core.apply_inverse_hessian)(
+      two(memory), two(q), None if free is None else two(free))
   return jax.tree.map(lambda v: v[1], out)
 
 
@@ -95,7 +95,8 @@ def test_inverse_hessian_matches_numpy_two_loop(x64, pushes, product):
   assert int(memory.count) == len(pairs)
   free = rng.random(n) < 0.7
   q = np.where(free, rng.normal(size=n), 0.0)
-  ravel = lambda t: np.concatenate([np.ravel(t["a"]), np.ravel(t["b"])])
+  def ravel(t):
+    return np.concatenate([np.ravel(t["a"]), np.ravel(t["b"])])
   apply = jax.jit(_PRODUCTS[product])
   got = apply(memory, tree(q), tree(free))
   want = _numpy_two_loop(pairs, q, float(memory.gamma), free)
@@ -113,7 +114,8 @@ def test_inverse_hessian_matches_numpy_two_loop(x64, pushes, product):
 
 def test_program_size_does_not_grow_with_memory_or_unroll():
   """No loop over the pairs: the lowered program is the same for any m."""
-  f = lambda p: sum(jnp.sum((v - 1.0) ** 2) for v in jax.tree.leaves(p))
+  def f(p):
+    return sum(jnp.sum((v - 1.0) ** 2) for v in jax.tree.leaves(p))
   x0 = {f"w{i}": jnp.zeros(3) for i in range(4)}
 
   def size(m):
@@ -148,7 +150,8 @@ def test_gradient_decides_where_f_has_no_digits_left(x64):
   assert int(r.num_fun_evals) <= 1.3 * int(r.num_iter)
   x = np.asarray(r.params)
   assert np.all(x >= 0)
-  f = lambda z: 0.5 * np.sum((A @ z - b) ** 2)
+  def f(z):
+    return 0.5 * np.sum((A @ z - b) ** 2)
   # The decrease that is left is below f's precision indeed ...
   x_ref, _ = so.nnls(A, b)
   assert f(x) - f(x_ref) <= 16 * np.finfo(np.float64).eps * f(x_ref)
@@ -204,7 +207,8 @@ def test_float32_tolerance_below_precision_stops_stalled():
   x = np.asarray(r.params, np.float64)
   assert np.all(x >= 0)
   x_ref, _ = so.nnls(A, b)
-  f = lambda z: 0.5 * np.sum((A @ z - b) ** 2)
+  def f(z):
+    return 0.5 * np.sum((A @ z - b) ** 2)
   assert (f(x) - f(x_ref)) / f(x_ref) <= 1e-5
   # As far as float32 goes: the projected gradient is small relative to
   # the first one, though above the 1e-10 asked for.
@@ -231,7 +235,8 @@ def test_vmapped_mixed_dtype_pytree_matches_lanes_and_scipy(x64):
   upper = {"a": None, "b": 0.2}
 
   def solve(a32, a64, b):
-    f = lambda p: 0.5 * jnp.sum((a32 @ p["a"] + a64 @ p["b"] - b) ** 2)
+    def f(p):
+      return 0.5 * jnp.sum((a32 @ p["a"] + a64 @ p["b"] - b) ** 2)
     x0 = {"a": jnp.zeros(6, jnp.float32), "b": jnp.zeros(4)}
     return posconstr.minimize(f, x0, lower, upper, tol=1e-6)
 
@@ -246,7 +251,8 @@ def test_vmapped_mixed_dtype_pytree_matches_lanes_and_scipy(x64):
                                  np.asarray(single.params[key]), atol=1e-6)
     assert bool(batched.converged[i]) and bool(single.converged)
     A = np.concatenate([a32[i].astype(np.float64), a64[i]], axis=1)
-    f = lambda z: 0.5 * np.sum((A @ z - b[i]) ** 2)
+    def f(z):
+      return 0.5 * np.sum((A @ z - b[i]) ** 2)
     ref = so.minimize(lambda z: (f(z), A.T @ (A @ z - b[i])), np.zeros(10),
                       jac=True, method="L-BFGS-B",
                       bounds=[(0, None)] * 6 + [(-0.1, 0.2)] * 4,

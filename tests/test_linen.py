@@ -153,7 +153,8 @@ def test_gradient_is_chain_rule_through_softplus():
   plain, wrapped = nn.Dense(3), Reparameterized(nn.Dense(3))
   x = _x((5, 4))
   latents = wrapped.init(jax.random.key(0), x)["params"]
-  loss = lambda out: jnp.sum(jnp.sin(out))
+  def loss(out):
+    return jnp.sum(jnp.sin(out))
   g_latent = jax.jit(jax.grad(
       lambda p: loss(wrapped.apply({"params": p}, x))))(latents)
   applied = {"kernel": softplus(latents["kernel"]), "bias": latents["bias"]}
@@ -276,9 +277,10 @@ def test_constraint_set_instead_of_parameterization_is_a_type_error():
 
 
 def test_initializer_for_a_module_without_that_field_is_a_type_error():
-  embed = lambda **kw: Reparameterized(
-      nn.Embed(10, 3), kernel=None,
-      rules={"embedding": posconstr.Softplus()}, **kw)
+  def embed(**kw):
+    return Reparameterized(
+        nn.Embed(10, 3), kernel=None,
+        rules={"embedding": posconstr.Softplus()}, **kw)
   ids = jnp.zeros((2,), jnp.int32)
   variables = jax.jit(embed().init)(jax.random.key(0), ids)  # fine
   assert np.isfinite(np.asarray(variables["params"]["embedding"])).all()

@@ -1,4 +1,5 @@
-"""The library passes its own linters: ruff (fast) and pyright (slow).
+"""The project passes its own linters: ruff (fast, on the library, tests,
+benchmarks and examples) and pyright (slow, on the library).
 
 Both are configured in ``pyproject.toml`` and installed by the test extra
 (``pyright[nodejs]`` brings Node from PyPI, so no other download is needed).
@@ -19,8 +20,9 @@ def _run(*command):
                         timeout=600)
 
 
-def test_ruff_reports_nothing_on_the_library():
-  result = _run(sys.executable, "-m", "ruff", "check", "posconstr")
+def test_ruff_reports_nothing_on_the_project():
+  result = _run(sys.executable, "-m", "ruff", "check", "posconstr", "tests",
+                "benchmarks", "examples")
   assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -7,19 +7,20 @@ the very same update object.
 
 from typing import NamedTuple
 
+import _models
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-import _models
 import posconstr
 
 
 def _params():
   rng = np.random.default_rng(0)
-  f32 = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  def f32(*s):
+    return jnp.asarray(rng.normal(size=s), jnp.float32)
   return {
       "Dense_0": {"kernel": f32(4, 4), "bias": f32(4)},
       "Dense_1": {"kernel": f32(4, 4), "bias": f32(4)},
@@ -211,7 +212,8 @@ def test_constrain_first_matching_rule_wins():
       "*/bias": posconstr.NonNegative(eps=0.5),
   })
   out, new = _apply(tx, params, updates)
-  stepped = lambda a, b: np.asarray(params[a][b]) + np.asarray(updates[a][b])
+  def stepped(a, b):
+    return np.asarray(params[a][b]) + np.asarray(updates[a][b])
   # p + (t - p) need not be exactly t = -1 here (|p| > 1): within one ulp.
   k0 = np.asarray(new["Dense_0"]["kernel"])
   np.testing.assert_allclose(k0, np.clip(stepped("Dense_0", "kernel"), -1, 1),
@@ -262,7 +264,7 @@ def test_constrain_kernel_nonneg_and_bias_box_on_linen_params():
           rtol=0, atol=1e-7)
       bias = np.asarray(params[layer]["bias"])
       assert np.all((bias >= -0.25) & (bias <= 0.5))
-  assert any(np.any(np.asarray(params[l]["kernel"]) == 0) for l in params)
+  assert any(np.any(np.asarray(params[name]["kernel"]) == 0) for name in params)
 
 
 def _numpy_max_norm(w, c, axis):

@@ -5,15 +5,15 @@ run on an unwrapped twin of the network whose Params hold the applied
 weights.
 """
 
+import _models
 import flax.serialization
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-import _models
 import posconstr
 from posconstr.tree import _paths
 

@@ -124,7 +124,8 @@ def test_lbfgsb_line_search_nan_gradient_is_visible():
   the status says NONFINITE and the updates are NaN, as optax.lbfgs's (so
   ``optax.apply_if_finite`` can skip the step)."""
   params = _params()
-  f = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)
+  def f(p):
+    return jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)
   tx = pc.lbfgsb(memory_size=1, lower=0.0, upper=1.0)
   grads = _grads(jnp.nan, (1, 0))
 

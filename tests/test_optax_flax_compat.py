@@ -6,14 +6,14 @@ multiplication by its reciprocal), so two *different* jitted programs that
 both contain Adam may round differently even without any projection.
 """
 
-from flax import nnx
+import _models
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-import _models
 import posconstr
 from posconstr.tree import _paths
 
@@ -264,7 +264,8 @@ def test_nnx_optimizer_refuses_a_projection_before_adam():
 _P = {"w": jnp.ones(3), "b": jnp.ones(2)}
 _W = {"w": True, "b": False}
 _proj = posconstr.project_nonneg
-_adam = lambda: optax.adam(1e-2)
+def _adam():
+  return optax.adam(1e-2)
 
 
 @pytest.mark.parametrize("tx", [

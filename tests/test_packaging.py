@@ -109,7 +109,10 @@ def test_version_has_one_source():
 
 
 def test_layer_folders_have_no_public_names():
-  """Each folder's ``__init__`` only documents it: the API lives in posconstr."""
+  """Each folder's ``__init__`` only documents it.
+
+  The API lives in posconstr.
+  """
   for folder in _IMPLEMENTATION_FOLDERS:
     package = importlib.import_module(f"posconstr.{folder}")
     assert package.__doc__, folder

@@ -13,10 +13,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import special, stats
+from scipy import special
+from scipy import stats
 
 import posconstr
-from posconstr import Abs, Box, Exp, NonNegative, ReLU, Sigmoid, Softplus, Square
+from posconstr import Abs
+from posconstr import Box
+from posconstr import Exp
+from posconstr import NonNegative
+from posconstr import ReLU
+from posconstr import Sigmoid
+from posconstr import Softplus
+from posconstr import Square
 
 LOWER = [Softplus(), Softplus(eps=1e-3), Softplus(beta=3.0),
          Softplus(beta=0.25, eps=0.5), Exp(), Exp(eps=0.5), Square(),
@@ -68,7 +76,8 @@ def _outside(g):
   return x[(x < lo) | (x > hi)]
 
 
-def _extreme(g):  # Up to where forward overflows: exp above 88, z^2 above 1.8e19.
+def _extreme(g):
+  # Up to where forward overflows: exp above 88, z^2 above 1.8e19.
   big = {Exp: 80.0, Square: 1e18}.get(type(g), 3e38)
   z = np.array([-3e38, -1e30, -1e18, -1e4, -100, -20, -1e-30, 0, 1e-30, 20, 100,
                 1e4, 1e18, 1e30, 3e38])
@@ -84,7 +93,8 @@ INPUTS = {
     "ends_outside": lambda g: np.concatenate([_ends(g), _outside(g)]),
     "extreme": _extreme,
     "smooth": lambda g: np.linspace(-30, 30, N) + 0.0137,  # Off the kinks.
-    "half": lambda g: [bounds(g)[0] - 1, bounds(g)[0], min(bounds(g)[1], 1e3) + 1],
+    "half": lambda g: [bounds(g)[0] - 1, bounds(g)[0],
+                       min(bounds(g)[1], 1e3) + 1],
 }
 
 
@@ -96,7 +106,8 @@ REF = {  # (g(z), g'(z)) in float64, written from the class docstrings.
     Abs: lambda g, z: (g.eps + np.abs(z), np.sign(z)),
     ReLU: lambda g, z: (np.maximum(z, 0.0), (z > 0) * 1.0),
     Sigmoid: lambda g, z: (g.lower + (g.upper - g.lower) * special.expit(z),
-                           (g.upper - g.lower) * special.expit(z) * special.expit(-z)),
+                           (g.upper - g.lower) * special.expit(z)
+                           * special.expit(-z)),
 }
 
 
@@ -139,7 +150,8 @@ def test_lower_bounded_round_trip(g, dtype, rtol, lo, hi):
     assert (err <= tol).all(), (w64[np.argmax(err / tol)], (err / tol).max())
 
 
-@pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-5), (np.float64, 1e-13)])
+@pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-5),
+                                        (np.float64, 1e-13)])
 @pytest.mark.parametrize("g", BOXES, ids=repr)
 def test_sigmoid_round_trip_relative_to_nearest_bound(g, dtype, rtol):
   with x64() if dtype == np.float64 else jax.enable_x64(False):
@@ -151,7 +163,8 @@ def test_sigmoid_round_trip_relative_to_nearest_bound(g, dtype, rtol):
     back = np.asarray(g.forward(g.inverse(w)), np.float64)
     # Relative to the distance from the nearest bound, plus a few ulps of
     # that bound (and, at the top, of the width: 1 - u is only absolute).
-    ulp = lambda x: float(np.spacing(dtype(max(abs(x), 1e-300))))
+    def ulp(x):
+      return float(np.spacing(dtype(max(abs(x), 1e-300))))
     tol = np.where(w64 - g.lower <= g.upper - w64,
                    rtol * (w64 - g.lower) + 4 * ulp(g.lower),
                    rtol * (g.upper - w64) + 4 * max(ulp(g.upper), ulp(width)))
@@ -171,13 +184,15 @@ def test_inverse_of_forward_where_invertible(g):
   z = grid(z)
   np.testing.assert_allclose(g.inverse(g.forward(z)), z, rtol=1e-5, atol=2e-4)
   if not isinstance(g, (Softplus, Exp, Sigmoid)):  # The other branch folds.
-    np.testing.assert_allclose(g.inverse(g.forward(-z)), z if g != ReLU() else 0 * z,
+    np.testing.assert_allclose(g.inverse(g.forward(-z)),
+                               z if g != ReLU() else 0 * z,
                                rtol=2e-7, atol=g.eps * 2e-7)
 
 
 @pytest.mark.parametrize("g", ALL, ids=repr)
 def test_forward_matches_numpy_scipy_reference(g):
-  z = grid(np.concatenate([np.linspace(-60, 60, N - 5), [-1e4, -1e3, 0, 1e3, 1e4]]), np.float64)
+  z = grid(np.concatenate([np.linspace(-60, 60, N - 5),
+                           [-1e4, -1e3, 0, 1e3, 1e4]]), np.float64)
   ref, base = ref_forward(g, z), bounds(g)[0]
   out = g.forward(z.astype(np.float32))
   assert out.dtype == jnp.float32
@@ -185,7 +200,8 @@ def test_forward_matches_numpy_scipy_reference(g):
   # Backward-error bound: a few ulps of each term, |z g'(z)| for rounding z.
   with np.errstate(invalid="ignore", over="ignore"):
     scale = abs(base) + np.abs(ref - base) + np.abs(z * ref_derivative(g, z))
-    assert ((np.abs(out - ref) <= 4 * F32.eps * scale + F32.tiny) | (out == ref)).all()
+    assert ((np.abs(out - ref) <= 4 * F32.eps * scale + F32.tiny)
+            | (out == ref)).all()
   with x64():
     out = g.forward(z)
     assert out.dtype == jnp.float64
@@ -193,7 +209,8 @@ def test_forward_matches_numpy_scipy_reference(g):
   if isinstance(g, Softplus):  # The custom_jvp primal equals jax.nn.softplus.
     np.testing.assert_allclose(
         g.forward(z.astype(np.float32)),
-        g.eps + jax.nn.softplus(g.beta * z.astype(np.float32)) / g.beta, rtol=2e-6)
+        g.eps + jax.nn.softplus(g.beta * z.astype(np.float32)) / g.beta,
+        rtol=2e-6)
 
 
 # ------------------------------------------------------------ gradients
@@ -205,7 +222,8 @@ def test_grad_matches_central_differences_float64(g):
     z = grid(INPUTS["smooth"](g), np.float64)
     h = 1e-6 * np.maximum(1, np.abs(z))
     fd = (ref_forward(g, z + h) - ref_forward(g, z - h)) / (2 * h)
-    fd_lib = (np.asarray(g.forward(z + h)) - np.asarray(g.forward(z - h))) / (2 * h)
+    fd_lib = (np.asarray(g.forward(z + h))
+              - np.asarray(g.forward(z - h))) / (2 * h)
     grad = jitted("grad_deriv", "smooth", np.float64)[g][1][0]
     np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(grad, fd_lib, rtol=1e-6, atol=1e-9)
@@ -228,7 +246,8 @@ def test_softplus_second_derivative_through_custom_jvp():
   with x64():
     x = grid(np.linspace(-20, 20, N), np.float64)
     d2 = jax.jit(jax.vmap(jax.grad(jax.grad(Softplus(beta=2.0).forward))))(x)
-    np.testing.assert_allclose(d2, 2 * special.expit(2 * x) * special.expit(-2 * x),
+    np.testing.assert_allclose(d2,
+                               2 * special.expit(2 * x) * special.expit(-2 * x),
                                rtol=1e-12, atol=1e-300)
 
 
@@ -239,7 +258,8 @@ def test_softplus_second_derivative_through_custom_jvp():
 def test_concrete_out_of_range_or_nan_raises_naming_value(g):
   lo, hi = bounds(g)
   for bad in ([lo - 1.5] if hi == np.inf else [lo - 1.5, hi + 0.25]):
-    with pytest.raises(ValueError, match=rf"{str(np.float32(bad))}.*index \(2,\)"):
+    with pytest.raises(ValueError,
+                       match=rf"{str(np.float32(bad))}.*index \(2,\)"):
       g.inverse(grid([lo + 0.5, lo, bad]))
   with pytest.raises(ValueError, match="nan"):
     g.inverse(grid([lo + 0.5, np.nan]))
@@ -258,7 +278,8 @@ def test_bounds_and_out_of_range_under_jit_give_finite_latents(g):
   # Near 3e38 rounding the latent costs |z g'(z)| ulps (Exp's log); that
   # forward stays finite there is tested below and in test_dtypes_*.
   fin = ends < 1e30
-  np.testing.assert_allclose(np.asarray(g.forward(z_ends))[fin], ends[fin], rtol=1e-6,
+  np.testing.assert_allclose(np.asarray(g.forward(z_ends))[fin], ends[fin],
+                             rtol=1e-6,
                              atol=1e-6 * (hi - lo if hi < np.inf else 1))
 
 
@@ -310,7 +331,8 @@ def test_softplus_inverse_of_zero_is_finite_eager_jit_and_float64():
       assert z.dtype == jnp.float64 and -np.inf < float(z) < -700 / g.beta
   g = Softplus(eps=1.0)  # eps + tiny rounds to eps: one ulp of eps instead.
   z = g.inverse(1.0)
-  assert -np.inf < float(z) < -15 and float(g.forward(z)) == pytest.approx(1, abs=3e-7)
+  assert (-np.inf < float(z) < -15
+          and float(g.forward(z)) == pytest.approx(1, abs=3e-7))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -332,7 +354,8 @@ def test_half_precision_keeps_dtype_and_stays_finite(g, dtype):
   assert (np.abs(np.asarray(back, np.float64) - w) <= tol).all()
   z = grid(np.linspace(-8, 8, 33), dtype)
   np.testing.assert_allclose(np.asarray(g.forward(z), np.float32),
-                             ref_forward(g, np.asarray(z, np.float64)), rtol=2 * u, atol=1e-7)
+                             ref_forward(g, np.asarray(z, np.float64)),
+                             rtol=2 * u, atol=1e-7)
 
 
 # ------------------------------------------------------------ dead latents
@@ -341,7 +364,8 @@ def test_half_precision_keeps_dtype_and_stays_finite(g, dtype):
 def test_dead_relu_sigmoid_softplus():
   z = grid([-2.0, -1e-6, 0.0, 1e-6, 3.0])
   np.testing.assert_array_equal(ReLU().dead(z), z <= 0)
-  np.testing.assert_array_equal(Softplus().dead(grid([-20.0, 0.0])), grid([1, 0]) == 1)
+  np.testing.assert_array_equal(Softplus().dead(grid([-20.0, 0.0])),
+                                grid([1, 0]) == 1)
   zz = np.linspace(-20, 20, N)
   slope = special.expit(zz) * special.expit(-zz)  # In units of the width.
   keep = np.abs(slope - 1e-3) > 1e-6  # Away from the threshold |z| ~ 6.9.
@@ -363,10 +387,12 @@ def test_dead_fraction_on_a_pytree_matches_numpy_count():
   for tol in (1e-3, 1e-2):
     frac = posconstr.dead_fraction(tree, rules, tol=tol)
     assert set(frac) == {"a/kernel", "b/kernel"}
-    assert float(frac["a/kernel"]) == pytest.approx(np.mean(tree["a"]["kernel"] <= 0))
+    assert float(frac["a/kernel"]) == pytest.approx(
+        np.mean(tree["a"]["kernel"] <= 0))
     want = np.mean(special.expit(z) * special.expit(-z) < tol)
     assert float(frac["b/kernel"]) == pytest.approx(want)
-  jitted = jax.jit(lambda t: posconstr.dead_fraction(t, Softplus(), mask="*/kernel"))(tree)
+  jitted = jax.jit(lambda t: posconstr.dead_fraction(
+      t, Softplus(), mask="*/kernel"))(tree)
   assert set(jitted) == {"a/kernel", "b/kernel"}
   assert float(jitted["a/kernel"]) == pytest.approx(
       np.mean(special.expit(tree["a"]["kernel"].astype(float)) < 1e-3))
@@ -379,13 +405,18 @@ def test_constraints_equality_hash_immutability():
   assert Softplus().constraint == NonNegative()
   assert Softplus(eps=0.1).constraint == NonNegative(0.1)
   assert Sigmoid(0, 2).constraint == Box(0, 2)
-  assert all(g.constraint == NonNegative() for g in (Exp(), Square(), Abs(), ReLU()))
-  assert Softplus(1) == Softplus(beta=1.0, eps=0.0) and hash(Softplus(1)) == hash(Softplus())
-  assert Softplus(2.0) != Softplus() and Softplus() != Exp() and Exp() != Exp(eps=0.1)
-  assert ReLU() == ReLU() and Sigmoid(0, 2) == Sigmoid(0.0, 2.0) != Sigmoid(0, 3)
+  assert all(g.constraint == NonNegative()
+             for g in (Exp(), Square(), Abs(), ReLU()))
+  assert (Softplus(1) == Softplus(beta=1.0, eps=0.0)
+          and hash(Softplus(1)) == hash(Softplus()))
+  assert (Softplus(2.0) != Softplus() and Softplus() != Exp()
+          and Exp() != Exp(eps=0.1))
+  assert (ReLU() == ReLU()
+          and Sigmoid(0, 2) == Sigmoid(0.0, 2.0) != Sigmoid(0, 3))
   assert len({Softplus(), Softplus(1.0), Exp(), Sigmoid(), Sigmoid(0, 1)}) == 3
   f = jax.jit(lambda g, x: g.forward(x), static_argnums=0)
-  assert float(f(Softplus(beta=2.0), 1.0)) == pytest.approx(np.logaddexp(0, 2) / 2)
+  assert float(f(Softplus(beta=2.0), 1.0)) == pytest.approx(
+      np.logaddexp(0, 2) / 2)
   for g, name in ((Softplus(), "beta"), (Sigmoid(), "lower"), (ReLU(), "eps")):
     with pytest.raises(AttributeError, match="cannot assign"):  # frozen
       setattr(g, name, 3.0)
@@ -399,9 +430,11 @@ def test_constraints_equality_hash_immutability():
 
 @pytest.mark.parametrize("make,name", [
     (lambda: Softplus(beta=0.0), "beta"), (lambda: Softplus(beta=-1.0), "beta"),
-    (lambda: Softplus(beta=float("nan")), "beta"), (lambda: Softplus(eps=-0.1), "eps"),
+    (lambda: Softplus(beta=float("nan")), "beta"),
+    (lambda: Softplus(eps=-0.1), "eps"),
     (lambda: Exp(eps=-1e-9), "eps"), (lambda: Square(eps=-1.0), "eps"),
-    (lambda: Abs(eps=float("inf")), "eps"), (lambda: Sigmoid(1.0, 1.0), "lower"),
+    (lambda: Abs(eps=float("inf")), "eps"),
+    (lambda: Sigmoid(1.0, 1.0), "lower"),
     (lambda: Sigmoid(2.0, 1.0), "upper")])
 def test_bad_hyperparameters_raise_naming_the_argument(make, name):
   with pytest.raises(ValueError, match=f"`{name}`"):
@@ -420,7 +453,8 @@ def test_fold_identity_on_range_reflection_outside():
     out = np.asarray(g.fold(v + np.float32(lo)))
     assert float(g.constraint.violation(out)) == 0
     ref = lo + np.abs(v.astype(np.float64))  # Reflect at the lower bound,
-    np.testing.assert_allclose(out, np.minimum(ref, hi), rtol=1e-6, atol=1e-5)  # clip.
+    np.testing.assert_allclose(out, np.minimum(ref, hi),  # clip.
+                               rtol=1e-6, atol=1e-5)
 
 
 def test_fold_maps_a_normal_to_a_half_normal():
@@ -439,21 +473,25 @@ def test_fold_maps_a_normal_to_a_half_normal():
 
 def _tree(seed=0):
   rng = np.random.default_rng(seed)
-  leaf = lambda: rng.normal(0, 3, N).astype(np.float32)
+  def leaf():
+    return rng.normal(0, 3, N).astype(np.float32)
   return {"Dense_0": {"kernel": leaf(), "bias": leaf()},
           "Dense_1": {"kernel": leaf(), "bias": leaf()}, "step": np.int32(7)}
 
 
 def test_reparam_rules_first_match_wins_and_round_trip():
   t = _tree()
-  rules = {"Dense_0/kernel": None, "*/kernel": Softplus(), "*/bias": Sigmoid(-1, 1)}
+  rules = {"Dense_0/kernel": None, "*/kernel": Softplus(),
+           "*/bias": Sigmoid(-1, 1)}
   out = posconstr.reparam(t, rules)
-  assert out["Dense_0"]["kernel"] is t["Dense_0"]["kernel"] and out["step"] is t["step"]
+  assert (out["Dense_0"]["kernel"] is t["Dense_0"]["kernel"]
+          and out["step"] is t["step"])
   np.testing.assert_allclose(out["Dense_1"]["kernel"],
                              np.logaddexp(0, t["Dense_1"]["kernel"]), rtol=2e-6)
   for layer in ("Dense_0", "Dense_1"):
     np.testing.assert_allclose(out[layer]["bias"],
-                               2 * special.expit(t[layer]["bias"]) - 1, rtol=2e-6, atol=2.5e-7)
+                               2 * special.expit(t[layer]["bias"]) - 1,
+                               rtol=2e-6, atol=2.5e-7)
   back = posconstr.unreparam(out, rules)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(t)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -471,13 +509,14 @@ def test_reparam_single_parameterization_with_mask(mask):
   t = _tree()
   out = posconstr.reparam(t, Exp(eps=0.5), mask=mask)
   for layer in ("Dense_0", "Dense_1"):
-    np.testing.assert_allclose(out[layer]["kernel"], 0.5 + np.exp(t[layer]["kernel"]),
-                               rtol=2e-6)
+    np.testing.assert_allclose(out[layer]["kernel"],
+                               0.5 + np.exp(t[layer]["kernel"]), rtol=2e-6)
     assert out[layer]["bias"] is t[layer]["bias"]
   assert out["step"] is t["step"]
   out = posconstr.reparam(t, Square())  # mask=None: every float leaf.
   assert out["step"] is t["step"]
-  np.testing.assert_allclose(out["Dense_1"]["bias"], t["Dense_1"]["bias"] ** 2, rtol=2e-7)
+  np.testing.assert_allclose(out["Dense_1"]["bias"], t["Dense_1"]["bias"] ** 2,
+                             rtol=2e-7)
 
 
 def test_reparam_under_jit_vmap_grad():
@@ -490,11 +529,13 @@ def test_reparam_under_jit_vmap_grad():
   batch = jax.tree.map(lambda x: np.stack([x, -x]), t)
   vm = jax.jit(jax.vmap(lambda p: posconstr.reparam(p, rules)))(batch)
   np.testing.assert_allclose(vm["Dense_0"]["kernel"][1],
-                             np.logaddexp(0, -2 * t["Dense_0"]["kernel"]) / 2, rtol=2e-6)
+                             np.logaddexp(0, -2 * t["Dense_0"]["kernel"]) / 2,
+                             rtol=2e-6)
   grads = jax.jit(jax.grad(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(
       posconstr.reparam(p, rules)))))(t)
   np.testing.assert_allclose(grads["Dense_1"]["kernel"],
-                             special.expit(2 * t["Dense_1"]["kernel"]), rtol=1e-5)
+                             special.expit(2 * t["Dense_1"]["kernel"]),
+                             rtol=1e-5)
   np.testing.assert_array_equal(grads["Dense_1"]["bias"], np.ones(N))
   w = jax.jit(lambda p: posconstr.unreparam(p, rules))(
       jax.tree.map(lambda x: x - 10.0, t))  # Out of range under jit: finite.

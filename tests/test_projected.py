@@ -13,9 +13,9 @@ import optax
 import pytest
 import scipy.optimize
 import sklearn.datasets
+from _reference import bisection_simplex
 
 import posconstr
-from _reference import bisection_simplex
 
 # ------------------------------------------------------ the stall at a bound
 

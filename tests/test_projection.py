@@ -6,16 +6,16 @@ over the floats next to ``t - p`` for an update that ``optax.apply_updates``
 turns into the projected point.
 """
 
+import _models
 import hypothesis
-from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from hypothesis import strategies as st
 
-import _models
 import posconstr
 
 

@@ -13,11 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 import posconstr
+from posconstr import box_qp
+from posconstr import nnls
 from posconstr.solvers import _qp_active_set
-from posconstr import box_qp, nnls
 
 M, N = 20, 6  # The nnls shape used throughout.
 _nnls = jax.jit(nnls, static_argnames=("maxiter",))

@@ -177,12 +177,14 @@ def test_without_grads_stuck_is_nan(trained):
     assert float(report[path].on_bound) == float(with_grads[path].on_bound)
 
 
-_ROW = re.compile(r"^\| (\S+) \| (\d+) \| ([\d.]+)% \| (-|[\d.]+%) \| (\S+) \|$")
+_ROW = re.compile(r"^\| (\S+) \| (\d+) \| ([\d.]+)% \| (-|[\d.]+%) "
+                  r"\| (\S+) \|$")
 
 
 def _parse(text):
   lines = text.splitlines()
-  header = lines.index("| parameter | size | on bound | stuck | max violation |")
+  header = lines.index(
+      "| parameter | size | on bound | stuck | max violation |")
   assert lines[header + 1] == "|---|---:|---:|---:|---:|"
   rows = {}
   for line in lines[header + 2:]:

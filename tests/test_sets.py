@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _reference import bisection_simplex
 from scipy import optimize
 
 from posconstr import Box
@@ -20,7 +21,6 @@ from posconstr import MinMaxNorm
 from posconstr import NonNegative
 from posconstr import Simplex
 from posconstr import UnitNorm
-from _reference import bisection_simplex
 
 F64 = np.float64
 
@@ -368,7 +368,8 @@ def test_grads_match_finite_differences():
   ]:
     with jax.enable_x64(True):
       g = _grads(c, jnp.asarray(w), jnp.asarray(x)[None])[0]
-    f = lambda v: np.sum(w * ref(v))
+    def f(v):
+      return np.sum(w * ref(v))
     fd = [(f(x + 1e-6 * e) - f(x - 1e-6 * e)) / 2e-6
           for e in np.eye(12).reshape(12, 3, 4)]
     np.testing.assert_allclose(np.asarray(g), np.reshape(fd, (3, 4)), rtol=1e-5,

@@ -11,13 +11,13 @@ the identity inside, non-expansive and to satisfy the variational inequality
 
 import functools
 
+import jax
+import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-import jax
-import numpy as np
-import pytest
 
 from posconstr import Box
 from posconstr import MaxNorm
@@ -216,8 +216,9 @@ def test_nonconvex_projection_properties(case):
     r = rng.uniform(c.min_value, c.max_value, size=(512,) + n.shape)
     r[::2] = np.clip(n, c.min_value, c.max_value)  # also the optimal radius
     feasible = g * r
-    dist = lambda p: np.sqrt(np.sum((x - p) ** 2, axis=tuple(
-        a + p.ndim - x.ndim for a in axes)))
+    def dist(p):
+      return np.sqrt(np.sum((x - p) ** 2, axis=tuple(
+            a + p.ndim - x.ndim for a in axes)))
     assert (dist(px) <= dist(feasible).min(axis=0) * (1 + 1e-12)
             + 1e-12).all()
 
