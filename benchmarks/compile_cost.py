@@ -14,12 +14,12 @@ by neighbours than the wall seconds, also recorded); ratios are to the peer:
 * ``optax_lbfgs`` (one update, ``value_fn``) for ``lbfgsb(lower=0)``, and
   ``optax_lbfgs_loop`` (20 in a loop) for ``minimize(lower=0, maxiter=20)``.
 
-Two floors, also against ``keep_nonneg``: ``box_by_hand`` (``clip(p + u, -1,
-1) - p``) and ``maxnorm_by_hand`` (``MaxNorm(p + u) - p``), the same
-projections without posconstr's exact landing. XLA:CPU's compile time and
-memory follow the HLO instructions of each leaf's kernels (more than the
-number of kernels), so the landing's operations per leaf are what ``box`` and
-``maxnorm`` pay over these floors.
+Two floors, run only when named in ``--variants``, against ``keep_nonneg``:
+``box_by_hand`` (``clip(p + u, -1, 1) - p``) and ``maxnorm_by_hand``
+(``MaxNorm(p + u) - p``), the same projections without posconstr's exact
+landing. XLA:CPU's compile time and memory follow the HLO instructions of
+each leaf's kernels (more than the number of kernels), so the landing's
+operations per leaf are what ``box`` and ``maxnorm`` pay over these floors.
 
 Usage::
 
@@ -56,6 +56,7 @@ PEERS = {"adam": None, "keep_nonneg": None, "project_nonneg": "keep_nonneg",
          "box_by_hand": "keep_nonneg", "maxnorm_by_hand": "keep_nonneg",
          "optax_lbfgs": None, "lbfgsb": "optax_lbfgs",
          "optax_lbfgs_loop": None, "minimize": "optax_lbfgs_loop"}
+FLOORS = ("box_by_hand", "maxnorm_by_hand")  # Run when named in --variants.
 LEAVES, QUICK_LEAVES = (200, 2000, 10000), (200, 2000)
 STAGES = ("trace", "lower", "compile")
 SUMMARY_KEYS = ("leaves", "variant", "peer", "status", "trace_cpu_s",
@@ -283,7 +284,7 @@ def main(argv=None) -> int:
              f"choose from {list(PEERS)}")
   peers = set() if args.no_peers else {PEERS[m] for m in chosen}
   names = [n for n in PEERS  # Peers first, in PEERS' order.
-           if not chosen or n in chosen or n in peers]
+           if n in chosen or n in peers or not (chosen or n in FLOORS)]
   report = _timing.Report(name, args)
   for n in leaves:
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in names}

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import strategies as st
 
 import posconstr as pc
+from benchmarks import compile_cost
 from posconstr.sets import _landing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,3 +173,13 @@ def test_benchmark_reports_every_variant_against_its_peer(tmp_path):
     assert rows[name]["ratio_of_medians"] > 0
   assert "| 4 | project_nonneg | keep_nonneg |" in " ".join(
       proc.stdout.split())
+
+
+def test_floors_are_the_projections_without_their_landing():
+  # The README's floors: the clip by hand has the peer's program, and
+  # MaxNorm by hand a smaller one than posconstr's (no landing).
+  rows = {name: compile_cost.measure(name, 4) for name in (
+      "keep_nonneg", "box", "box_by_hand", "maxnorm", "maxnorm_by_hand")}
+  hlo = {name: row["hlo_instructions"] for name, row in rows.items()}
+  assert hlo["box_by_hand"] == hlo["keep_nonneg"] < hlo["box"], hlo
+  assert hlo["keep_nonneg"] < hlo["maxnorm_by_hand"] < hlo["maxnorm"], hlo
