@@ -14,11 +14,13 @@ by neighbours than the wall seconds, also recorded); ratios are to the peer:
 * ``optax_lbfgs`` (one update, ``value_fn``) for ``lbfgsb(lower=0)``, and
   ``optax_lbfgs_loop`` (20 in a loop) for ``minimize(lower=0, maxiter=20)``.
 
-Two floors, run only when named in ``--variants``, against ``keep_nonneg``:
+Run only when named in ``--variants``, against ``keep_nonneg``: two floors,
 ``box_by_hand`` (``clip(p + u, -1, 1) - p``) and ``maxnorm_by_hand``
 (``MaxNorm(p + u) - p``), the same projections without posconstr's exact
-landing. XLA:CPU's compile time and memory follow the HLO instructions of
-each leaf's kernels (more than the number of kernels), so the landing's
+landing; and ``box_post``, ``maxnorm_post``: Adam, then ``project_params``
+of those sets after ``apply_updates`` in the same step (no landing needed).
+XLA:CPU's compile time and memory follow the HLO instructions of each
+leaf's kernels (more than the number of kernels), so the landing's
 operations per leaf are what ``box`` and ``maxnorm`` pay over these floors.
 
 Usage::
@@ -28,7 +30,8 @@ Usage::
   python -m benchmarks.compile_cost --leaves 10000 --tag 10k \
       --variants project_nonneg,constrain,box,maxnorm --mem-cap-gb 20
   python -m benchmarks.compile_cost --leaves 200,1000,2000 --tag floors \
-      --variants box,box_by_hand,maxnorm,maxnorm_by_hand --repeats 3
+      --variants box,box_by_hand,box_post,maxnorm,maxnorm_by_hand,\
+maxnorm_post --repeats 3
 """
 
 from __future__ import annotations
@@ -54,9 +57,14 @@ PEERS = {"adam": None, "keep_nonneg": None, "project_nonneg": "keep_nonneg",
          "constrain": "keep_nonneg", "box": "keep_nonneg",
          "maxnorm": "keep_nonneg", "projected": "keep_nonneg",
          "box_by_hand": "keep_nonneg", "maxnorm_by_hand": "keep_nonneg",
+         "box_post": "keep_nonneg", "maxnorm_post": "keep_nonneg",
          "optax_lbfgs": None, "lbfgsb": "optax_lbfgs",
          "optax_lbfgs_loop": None, "minimize": "optax_lbfgs_loop"}
-FLOORS = ("box_by_hand", "maxnorm_by_hand")  # Run when named in --variants.
+# Run when named in --variants.
+FLOORS = ("box_by_hand", "maxnorm_by_hand", "box_post", "maxnorm_post")
+# project_params after apply_updates, in the same jitted step.
+POST = {"box_post": (pc.Box(-1.0, 1.0), None),
+        "maxnorm_post": (pc.MaxNorm(2.0, axis=0), "*/kernel")}
 LEAVES, QUICK_LEAVES = (200, 2000, 10000), (200, 2000)
 STAGES = ("trace", "lower", "compile")
 SUMMARY_KEYS = ("leaves", "variant", "peer", "status", "trace_cpu_s",
@@ -97,6 +105,7 @@ def _step(variant: str, params):
             lambda p, u: jnp.clip(p + u, -1.0, 1.0) - p)),
         "maxnorm_by_hand": lambda: optax.chain(
             adam, projection_overhead.maxnorm_update_by_hand()),
+        **{name: lambda: adam for name in POST},
         "lbfgsb": lambda: pc.lbfgsb(lower=0.0)}.get(variant, optax.lbfgs)()
   value_and_grad = optax.value_and_grad_from_state(loss)
 
@@ -114,7 +123,10 @@ def _step(variant: str, params):
 
   def step(x, state, g):
     u, state = tx.update(g, state, x)
-    return optax.apply_updates(x, u), state
+    x = optax.apply_updates(x, u)
+    if variant in POST:
+      x = pc.project_params(x, *POST[variant])
+    return x, state
 
   return step, (params, tx.init(params), jax.tree.map(lambda v: v + 0.1,
                                                       params))

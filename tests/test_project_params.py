@@ -52,3 +52,29 @@ def test_errors_name_the_problem():
     posconstr.project_params(_params(), posconstr.NonNegative(), mask="nope")
   with pytest.raises(TypeError, match=r"`constraint` must be a constraint set"):
     posconstr.project_params(_params(), posconstr.Softplus())
+
+
+def test_after_apply_updates_is_where_the_box_transform_lands():
+  # project(Box) lands on P(p + u) wherever some float update can (the
+  # clipped point or its one-ulp neighbour lands there), else next to it,
+  # inside; project_params after apply_updates is P(p + u) itself.
+  rng = np.random.default_rng(3)
+  params = {"w": jnp.asarray(rng.normal(0, 1.5, 4000), jnp.float32)}
+  updates = {"w": jnp.asarray(rng.normal(0, 1.0, 4000), jnp.float32)}
+  box = posconstr.Box(-1.0, 1.0)
+  tx = posconstr.project(box)
+  landed = optax.apply_updates(params, tx.update(updates, tx.init(params),
+                                                 params)[0])["w"]
+  direct = jax.jit(posconstr.project_params, static_argnums=1)(
+      optax.apply_updates(params, updates), box)["w"]
+  p, t = np.asarray(params["w"]), np.asarray(direct)
+  d = (t - p).astype(np.float32)
+  toward = np.where((p + d).astype(np.float32) < t, np.inf, -np.inf)
+  nudged = np.nextafter(d, toward.astype(np.float32))
+  reachable = ((p + d).astype(np.float32) == t) | (
+      (p + nudged).astype(np.float32) == t)
+  landed = np.asarray(landed)
+  np.testing.assert_array_equal(landed[reachable], t[reachable])
+  assert (~reachable).any() and (np.abs(landed) <= 1).all()
+  gap = np.abs(landed - t)[~reachable]
+  assert (gap > 0).all() and (gap <= np.spacing(np.float32(1))).all()

@@ -127,8 +127,12 @@ def project_params(params, constraint, mask: Mask = None):
   The same selection as :func:`project` (``mask=``) or :func:`constrain`
   (a rules mapping). Use it to make initial parameters feasible (Keras never
   applies constraints at initialization), or to project after
-  ``optax.apply_updates`` inside the same jitted step, which for norm sets
-  on XLA:CPU avoids the scratch buffers of the in-optimizer form.
+  ``optax.apply_updates`` inside the same jitted step. The result there is
+  :math:`P_C(p + u)` itself; :func:`project` reaches the same point (for
+  elementwise sets, bit for bit wherever some update lands on it), or a
+  feasible one next to it, through a landing step in every leaf. Without
+  that step each leaf's program is smaller, and for norm sets on XLA:CPU
+  the step needs no scratch buffers.
 
   ``constraint`` may also be one of Optax's whole-tree projections, such as
   ``optax.projections.projection_simplex`` (see :func:`project`).
