@@ -70,6 +70,8 @@ RENDERERS: Dict[str, Tuple[str, Callable[[dict], str]]] = {
     "compile_cost_10k": ("compile_cost_10k.json", _script("compile_cost")),
     "compile_cost_floors": ("compile_cost_floors.json",
                             _script("compile_cost")),
+    "compile_cost_10k_post": ("compile_cost_10k_post.json",
+                              _script("compile_cost")),
     "projection_scale": ("projection_scale.json", _script("projection_scale")),
     "projection_scale_hugetlb": ("projection_scale_hugetlb.json",
                                  _script("projection_scale")),

@@ -173,7 +173,8 @@ OTHER_SUMMARIES = {"projection_scale": "projection_overhead",
                    "projection_scale_hugetlb": "projection_overhead",
                    "compile_cost": "compile_cost",
                    "compile_cost_10k": "compile_cost",
-                   "compile_cost_floors": "compile_cost"}
+                   "compile_cost_floors": "compile_cost",
+                   "compile_cost_10k_post": "compile_cost"}
 
 
 @pytest.mark.parametrize("name,script", [
