@@ -60,8 +60,8 @@ PEERS = {"adam": None, "keep_nonneg": None, "project_nonneg": "keep_nonneg",
          "box_post": "keep_nonneg", "maxnorm_post": "keep_nonneg",
          "optax_lbfgs": None, "lbfgsb": "optax_lbfgs",
          "optax_lbfgs_loop": None, "minimize": "optax_lbfgs_loop"}
-# Run when named in --variants.
-FLOORS = ("box_by_hand", "maxnorm_by_hand", "box_post", "maxnorm_post")
+# The floors and the project_params forms: run when named in --variants.
+ON_REQUEST = ("box_by_hand", "maxnorm_by_hand", "box_post", "maxnorm_post")
 # project_params after apply_updates, in the same jitted step.
 POST = {"box_post": (pc.Box(-1.0, 1.0), None),
         "maxnorm_post": (pc.MaxNorm(2.0, axis=0), "*/kernel")}
@@ -71,14 +71,6 @@ SUMMARY_KEYS = ("leaves", "variant", "peer", "status", "trace_cpu_s",
                 "lower_cpu_s", "compile_cpu_s", "median_s", "total_wall_s",
                 "peak_rss_gb", "hlo_instructions", "ratio_of_medians",
                 "ratio_peak_rss", "ratio_hlo")
-
-
-def _update_by_hand(fn) -> optax.GradientTransformation:
-  """``fn(param, update)`` on every leaf, as an Optax transform."""
-  return optax.GradientTransformation(
-      lambda _: optax.EmptyState(),
-      lambda updates, state, params: (jax.tree.map(fn, params, updates),
-                                      state))
 
 
 def _step(variant: str, params):
@@ -101,8 +93,9 @@ def _step(variant: str, params):
         "maxnorm": lambda: optax.chain(
             adam, pc.project(pc.MaxNorm(2.0, axis=0), mask="*/kernel")),
         "projected": lambda: pc.projected(adam, pc.NonNegative()),
-        "box_by_hand": lambda: optax.chain(adam, _update_by_hand(
-            lambda p, u: jnp.clip(p + u, -1.0, 1.0) - p)),
+        "box_by_hand": lambda: optax.chain(adam, optax.stateless(
+            lambda u, p: jax.tree.map(
+                lambda ui, pi: jnp.clip(pi + ui, -1.0, 1.0) - pi, u, p))),
         "maxnorm_by_hand": lambda: optax.chain(
             adam, projection_overhead.maxnorm_update_by_hand()),
         **{name: lambda: adam for name in POST},
@@ -296,7 +289,7 @@ def main(argv=None) -> int:
              f"choose from {list(PEERS)}")
   peers = set() if args.no_peers else {PEERS[m] for m in chosen}
   names = [n for n in PEERS  # Peers first, in PEERS' order.
-           if n in chosen or n in peers or not (chosen or n in FLOORS)]
+           if n in chosen or n in peers or not (chosen or n in ON_REQUEST)]
   report = _timing.Report(name, args)
   for n in leaves:
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in names}

@@ -125,20 +125,17 @@ def _unitnorm_kernels(params):
 def _mask_by_hand() -> optax.GradientTransformation:
   """The projected gradient at 0 by hand, for the kernels (the floor of
   ``projected``: what its mask costs at the least)."""
-  def update(grads, state, params):
-    return _on_kernels(lambda g, p: jnp.where((p <= 0) & (g > 0), 0, g),
-                       grads, params), state
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+  return optax.stateless(lambda grads, params: _on_kernels(
+      lambda g, p: jnp.where((p <= 0) & (g > 0), 0, g), grads, params))
 
 
 def maxnorm_update_by_hand() -> optax.GradientTransformation:
   """``MaxNorm(2, axis=0)(p + u) - p`` for the kernels, by hand (the floor of
   the optimizer form, without posconstr's exact landing)."""
-  def update(updates, state, params):
+  def update(updates, params):
     stepped = jax.tree.map(jnp.add, params, updates)
-    return jax.tree.map(jnp.subtract, _maxnorm_kernels(stepped),
-                        params), state
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+    return jax.tree.map(jnp.subtract, _maxnorm_kernels(stepped), params)
+  return optax.stateless(update)
 
 
 def variant_specs() -> Dict[str, Dict[str, Any]]:
