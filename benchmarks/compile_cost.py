@@ -18,7 +18,10 @@ Run only when named in ``--variants``, against ``keep_nonneg``: two floors,
 ``box_by_hand`` (``clip(p + u, -1, 1) - p``) and ``maxnorm_by_hand``
 (``MaxNorm(p + u) - p``), the same projections without posconstr's exact
 landing; and ``box_post``, ``maxnorm_post``: Adam, then ``project_params``
-of those sets after ``apply_updates`` in the same step (no landing needed).
+of those sets after ``apply_updates`` in the same step (no landing needed);
+``projected_unguarded`` (``nan_guard=False``) and the floor of ``projected``,
+``projected_by_hand``: the gradient zeroed by hand where ``p <= 0`` and
+``g > 0``, then Adam and ``optax.keep_params_nonnegative``.
 XLA:CPU's compile time and memory follow the HLO instructions of each
 leaf's kernels (more than the number of kernels), so the landing's
 operations per leaf are what ``box`` and ``maxnorm`` pay over these floors.
@@ -58,10 +61,13 @@ PEERS = {"adam": None, "keep_nonneg": None, "project_nonneg": "keep_nonneg",
          "maxnorm": "keep_nonneg", "projected": "keep_nonneg",
          "box_by_hand": "keep_nonneg", "maxnorm_by_hand": "keep_nonneg",
          "box_post": "keep_nonneg", "maxnorm_post": "keep_nonneg",
+         "projected_unguarded": "keep_nonneg",
+         "projected_by_hand": "keep_nonneg",
          "optax_lbfgs": None, "lbfgsb": "optax_lbfgs",
          "optax_lbfgs_loop": None, "minimize": "optax_lbfgs_loop"}
 # The floors and the project_params forms: run when named in --variants.
-ON_REQUEST = ("box_by_hand", "maxnorm_by_hand", "box_post", "maxnorm_post")
+ON_REQUEST = ("box_by_hand", "maxnorm_by_hand", "box_post", "maxnorm_post",
+              "projected_unguarded", "projected_by_hand")
 # project_params after apply_updates, in the same jitted step.
 POST = {"box_post": (pc.Box(-1.0, 1.0), None),
         "maxnorm_post": (pc.MaxNorm(2.0, axis=0), "*/kernel")}
@@ -93,6 +99,12 @@ def _step(variant: str, params):
         "maxnorm": lambda: optax.chain(
             adam, pc.project(pc.MaxNorm(2.0, axis=0), mask="*/kernel")),
         "projected": lambda: pc.projected(adam, pc.NonNegative()),
+        "projected_unguarded": lambda: pc.projected(
+            adam, pc.NonNegative(), nan_guard=False),
+        "projected_by_hand": lambda: optax.chain(optax.stateless(
+            lambda g, p: jax.tree.map(
+                lambda gi, pi: jnp.where((pi <= 0) & (gi > 0), 0.0, gi),
+                g, p)), adam, optax.keep_params_nonnegative()),
         "box_by_hand": lambda: optax.chain(adam, optax.stateless(
             lambda u, p: jax.tree.map(
                 lambda ui, pi: jnp.clip(pi + ui, -1.0, 1.0) - pi, u, p))),

@@ -72,6 +72,8 @@ RENDERERS: Dict[str, Tuple[str, Callable[[dict], str]]] = {
                             _script("compile_cost")),
     "compile_cost_10k_post": ("compile_cost_10k_post.json",
                               _script("compile_cost")),
+    "compile_cost_projected": ("compile_cost_projected.json",
+                               _script("compile_cost")),
     "projection_scale": ("projection_scale.json", _script("projection_scale")),
     "projection_scale_hugetlb": ("projection_scale_hugetlb.json",
                                  _script("projection_scale")),

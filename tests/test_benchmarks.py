@@ -174,7 +174,8 @@ OTHER_SUMMARIES = {"projection_scale": "projection_overhead",
                    "compile_cost": "compile_cost",
                    "compile_cost_10k": "compile_cost",
                    "compile_cost_floors": "compile_cost",
-                   "compile_cost_10k_post": "compile_cost"}
+                   "compile_cost_10k_post": "compile_cost",
+                   "compile_cost_projected": "compile_cost"}
 
 
 @pytest.mark.parametrize("name,script", [

@@ -180,11 +180,20 @@ def test_floors_are_the_projections_without_their_landing():
   # The README's floors: the clip by hand has the peer's program, MaxNorm by
   # hand a smaller one than posconstr's (no landing), and so have the same
   # sets projected by project_params after apply_updates.
+  # projected without its NaN guard is its mask by hand and a finiteness
+  # test (the guard's NaN test needs the mask again: one more kernel).
   rows = {name: compile_cost.measure(name, 4) for name in (
       "keep_nonneg", "box", "box_by_hand", "box_post", "maxnorm",
-      "maxnorm_by_hand", "maxnorm_post")}
+      "maxnorm_by_hand", "maxnorm_post", "projected", "projected_unguarded",
+      "projected_by_hand")}
   hlo = {name: row["hlo_instructions"] for name, row in rows.items()}
   assert hlo["box_by_hand"] == hlo["keep_nonneg"] < hlo["box"], hlo
   assert hlo["box_post"] <= hlo["keep_nonneg"], hlo
   assert hlo["keep_nonneg"] < hlo["maxnorm_by_hand"] < hlo["maxnorm"], hlo
   assert hlo["maxnorm_post"] < hlo["maxnorm"], hlo
+  assert (hlo["keep_nonneg"] < hlo["projected_by_hand"]
+          < hlo["projected_unguarded"] < hlo["projected"]), hlo
+  fusions = {name: rows[name]["hlo_fusions"] for name in (
+      "keep_nonneg", "projected_by_hand", "projected_unguarded", "projected")}
+  assert (fusions["keep_nonneg"] == fusions["projected_by_hand"]
+          == fusions["projected_unguarded"] < fusions["projected"]), fusions
