@@ -221,6 +221,8 @@ def test_float32_and_mixed_dtype_pytree():
 
 
 @pytest.mark.slow  # Compile-heavy; `pytest -m slow`.
+# The peer's own notice that it is unmaintained, on import.
+@pytest.mark.filterwarnings("ignore:JAXopt is no longer maintained")
 def test_matches_jaxopt_implicit_differentiation(x64):
   import jaxopt  # pylint: disable=g-import-not-at-top  # The test extra has it.
   A, b = _nnls_problem(seed=6)
