@@ -14,14 +14,14 @@ by neighbours than the wall seconds, also recorded); ratios are to the peer:
 * ``optax_lbfgs`` (one update, ``value_fn``) for ``lbfgsb(lower=0)``, and
   ``optax_lbfgs_loop`` (20 in a loop) for ``minimize(lower=0, maxiter=20)``.
 
-Run only when named in ``--variants``, against ``keep_nonneg``: two floors,
-``box_by_hand`` (``clip(p + u, -1, 1) - p``) and ``maxnorm_by_hand``
-(``MaxNorm(p + u) - p``), the same projections without posconstr's exact
-landing; and ``box_post``, ``maxnorm_post``: Adam, then ``project_params``
-of those sets after ``apply_updates`` in the same step (no landing needed);
-``projected_unguarded`` (``nan_guard=False``) and the floor of ``projected``,
-``projected_by_hand``: the gradient zeroed by hand where ``p <= 0`` and
-``g > 0``, then Adam and ``optax.keep_params_nonnegative``.
+Run only when named in ``--variants``, against ``keep_nonneg``: three
+floors, the projections by hand without posconstr's exact landing or NaN
+guard: ``box_by_hand`` (``clip(p + u, -1, 1) - p``), ``maxnorm_by_hand``
+(``MaxNorm(p + u) - p``) and ``projected_by_hand`` (the gradient zeroed
+where ``p <= 0`` and ``g > 0``, Adam, then the peer); and three forms that
+drop posconstr's extras: ``box_post``, ``maxnorm_post`` (Adam, then
+``project_params`` of those sets after ``apply_updates`` in the same step:
+no landing needed) and ``projected_unguarded`` (``nan_guard=False``).
 XLA:CPU's compile time and memory follow the HLO instructions of each
 leaf's kernels (more than the number of kernels), so the landing's
 operations per leaf are what ``box`` and ``maxnorm`` pay over these floors.
@@ -35,6 +35,8 @@ Usage::
   python -m benchmarks.compile_cost --leaves 200,1000,2000 --tag floors \
       --variants box,box_by_hand,box_post,maxnorm,maxnorm_by_hand,\
 maxnorm_post --repeats 3
+  python -m benchmarks.compile_cost --leaves 200,1000,2000 --tag projected \
+      --variants projected,projected_unguarded,projected_by_hand --repeats 3
 """
 
 from __future__ import annotations
