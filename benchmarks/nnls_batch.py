@@ -3,7 +3,9 @@
 Float64; times after compilation, medians of interleaved rounds and paired
 ratios to the loop of ``scipy.optimize.nnls``. Cases: ``batch``, 64 problems
 of 200x50 each with its own ``A`` (``jax.vmap`` of ``nnls``, of
-``posconstr.minimize`` at tol 1e-10 and of ``optax.nnls``); ``unmix``, one
+``posconstr.minimize`` at tol 1e-10 and of ``optax.nnls``), with the floors
+of its Gram matrices (in XLA and NumPy) and of one batched Cholesky of them;
+``unmix``, one
 non-negative 200x20 ``A`` and 10,000 right-hand sides with sparse abundances,
 with the floor of one ``A^T B`` plus one ``G X``; ``large``, one 5000x2000
 problem against scipy nnls and L-BFGS-B (run once). Every method gets the
@@ -39,10 +41,14 @@ from posconstr import nnls
 
 SCIPY = "scipy nnls loop"
 FLOOR = "floor: A^T B + G X"
+# The batch's floors: its 64 Gram matrices (XLA and NumPy), and one batched
+# Cholesky of them (each active-set solve factors at least once).
+GRAM, GRAM_NUMPY, CHOLESKY = ("floor: Gram matrices", "floor: Gram in NumPy",
+                              "floor: one Cholesky")
 SUMMARY_KEYS = ("case", "note", "method", "median_s", "paired_ratio",
                 "kkt_max", "gap_max", "support_equal", "iters_mean",
                 "iters_max", "compile_s", "blas_threads", "products_s",
-                "ratio_to_scipy")
+                "ratio_to_scipy", "gram_s", "gram_numpy_s", "cholesky_s")
 
 
 def unmixing(seed: int, m=200, n=20, k=10_000):
@@ -156,6 +162,12 @@ def run_case(name: str, args) -> Dict[str, Any]:
     G = jnp.asarray(A.T @ A)
     fns[FLOOR] = jitted(lambda A, B, X: (A.T @ B, G @ X), Aj, Bj,
                         jnp.asarray(Xs))[0]
+  if batched:
+    grams = jax.vmap(lambda a, b: (a.T @ a, a.T @ b))
+    fns[GRAM] = jitted(grams, Aj, Bj)[0]
+    fns[GRAM_NUMPY] = lambda: (np.matmul(A.transpose(0, 2, 1), A),
+                               np.einsum("pmn,pm->pn", A, B))
+    fns[CHOLESKY] = jitted(jax.vmap(jnp.linalg.cholesky), grams(Aj, Bj)[0])[0]
   with _floors.blas_limit(threads):
     times = _timing.interleaved_times(
         fns, repeats=args.repeats, warmup=args.warmup,
@@ -184,6 +196,11 @@ def run_case(name: str, args) -> Dict[str, Any]:
     floor = {"products_s": t_prod, "bytes_s": (B.nbytes + Xs.nbytes) / bw,
              "copy_bandwidth": bw,
              "ratio_to_scipy": t_prod / float(np.median(base))}
+  if batched:
+    floor = {key: float(np.median(times[fn])) for key, fn in (
+        ("gram_s", GRAM), ("gram_numpy_s", GRAM_NUMPY),
+        ("cholesky_s", CHOLESKY))}
+    floor["ratio_to_scipy"] = floor["gram_s"] / float(np.median(base))
   return {"case": name, "note": note, "rows": rows, "floor": floor,
           "wall_s": time.perf_counter() - t0, "blas_threads": threads}
 
@@ -198,6 +215,30 @@ def table(res) -> str:
   return _timing.markdown_table(
       ["method", "median", "vs scipy nnls", "KKT max", "gap max", "support",
        "iters mean / max", "compile"], rows)
+
+
+def floor_text(res) -> str:
+  """The case's floors in a sentence ("" without floors)."""
+  f = res.get("floor")  # (None: not in the summary.)
+  if not f:
+    return ""
+  if "products_s" in f:
+    text = (f"Floor: `A^T B + G X` {_timing.fmt_time(f['products_s'])} "
+            f"({f['ratio_to_scipy']:.3f}x scipy)")
+    if "copy_bandwidth" in f:  # Not in the committed summary.
+      text += (f"; B and X at {_timing.fmt_bandwidth(f['copy_bandwidth'])}: "
+               f"{_timing.fmt_time(f['bytes_s'])}")
+    return text + "."
+  return (f"Floors: the Gram matrices `A^T A`, `A^T b` "
+          f"{_timing.fmt_time(f['gram_s'])} ({f['ratio_to_scipy']:.3f}x "
+          f"scipy; NumPy {_timing.fmt_time(f['gram_numpy_s'])}); one batched "
+          f"Cholesky of them {_timing.fmt_time(f['cholesky_s'])}.")
+
+
+def readme_table(res) -> str:
+  """:func:`table` and the floors under it."""
+  floors = floor_text(res)
+  return table(res) + (f"\n\n{floors}" if floors else "")
 
 
 def main(argv=None) -> int:
@@ -216,12 +257,7 @@ def main(argv=None) -> int:
     _timing.eprint(f"[{name}]")
     res = run_case(name.strip(), args)
     text = f"### {name}: {res['note']}\n\n{table(res)}\n\n"
-    if res["floor"]:
-      f = res["floor"]
-      text += (f"Floor: A^T B + G X {_timing.fmt_time(f['products_s'])} "
-               f"({f['ratio_to_scipy']:.3f}x scipy); B and X at "
-               f"{_timing.fmt_bandwidth(f['copy_bandwidth'])}: "
-               f"{_timing.fmt_time(f['bytes_s'])}.\n\n")
+    text += floor_text(res) + "\n\n" if res.get("floor") else ""
     report.add(res, text + f"({res['wall_s']:.0f} s; numpy BLAS threads for "
                f"scipy: {res['blas_threads']})")
   return report.finish(SUMMARY_KEYS)

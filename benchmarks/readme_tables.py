@@ -40,7 +40,7 @@ def _nnls_case(case: str) -> Callable[[dict], str]:
   def render(payload: dict) -> str:
     from benchmarks import nnls_batch  # pylint: disable=g-import-not-at-top
     res = next(r for r in payload["results"] if r["case"] == case)
-    return nnls_batch.table(res)
+    return nnls_batch.readme_table(res)
   return render
 
 

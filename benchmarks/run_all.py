@@ -36,8 +36,8 @@ from benchmarks import _timing
 
 # In the order they run; their --quick runs add up to about a minute on 2
 # CPU cores.
-# compile_cost runs on its own (python -m benchmarks.compile_cost): its full
-# run takes hours at 10,000 leaves and has no committed summary yet.
+# compile_cost, projection_scale and exponentiated_gradient run on their own
+# (python -m benchmarks.NAME): minutes to hours each.
 SCRIPTS = ("projection_overhead", "reparam_overhead", "lbfgsb", "nnls_batch",
            "column_sums")
 _ERROR_LINES = 30  # Lines of a failed script's stderr kept as its error.
