@@ -38,6 +38,15 @@ def forward_tree(tree, plan):
                 for p, x in zip(plan, leaves)])
 
 
+def latent_tree(tree, plan):
+  """``tree`` with each leaf that ``plan`` gives a parameterization replaced
+  by the latent of its applied value (:func:`latent_of`)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(
+      treedef, [x if p is None else latent_of(p, x)
+                for p, x in zip(plan, leaves)])
+
+
 def latent_of(parameterization, value):
   """The latent of an initial *applied* value: ``inverse(fold(value))``."""
   return parameterization.inverse(parameterization.fold(value))

@@ -197,6 +197,18 @@ class Reparameterized(nn.Module):
                           "attribute to override.")
         fields[name] = init
     initializing = self.is_initializing()
+    # During init, flax's map_variables first runs the module on the stored
+    # variables and maps its output out, then maps the result in (our
+    # applied view) and runs it again. In that first pass only the leaves
+    # the call creates are applied values; those an earlier call of this
+    # wrapper stored (weight tying) are latents already.
+    call = {"stored": frozenset(), "viewed": False}
+
+    def begin_call():
+      params = self.variables.get("params", {}) if initializing else {}
+      call["stored"] = frozenset(_paths.leaves_with_paths(params)[0]
+                                 if params else ())
+      call["viewed"] = False
 
     def planned(params):
       plan = _reparam.make_plan(params, rules, None, "Reparameterized")
@@ -207,6 +219,7 @@ class Reparameterized(nn.Module):
       return plan
 
     def to_applied(variables):
+      call["viewed"] = True
       params = variables.get("params", {})
       if not params:
         return variables
@@ -217,27 +230,27 @@ class Reparameterized(nn.Module):
       params = variables.get("params", {})
       if not params or not initializing:
         return variables
-      # Both the fresh values and (at the end of init) the applied view come
+      # The fresh values and (at the end of init) the applied view come
       # through here: folding is the identity on the range, so the round
       # trip stores inverse(forward(latent)) ~= latent, never g(g(.)).
       plan = planned(params)
-      folded = jax.tree.map(
-          lambda p, v: v if p is None else p.fold(v),
-          jax.tree.structure(params).unflatten(plan), params,
-          is_leaf=lambda x: x is None or isinstance(
-              x, _parameterizations.Parameterization))
-      return {**variables, "params": _reparam.unreparam(folded, rules)}
+      if not call["viewed"]:  # The first pass: stored latents stay.
+        plan = [None if path in call["stored"] else g for path, g in zip(
+            _paths.leaves_with_paths(params)[0], plan)]
+      return {**variables, "params": _adapters.latent_tree(params, plan)}
 
     mapped = nn.map_variables(type(self.module), "params", to_applied,
                               to_latent, init=initializing)
     self.wrapped = mapped(**fields)
     nn.share_scope(self, self.wrapped)
     self._rules = rules
+    self._begin_call = begin_call
 
   def __call__(self, *args, **kwargs):
     token = _ACTIVE.set(_ACTIVE.get() + ((tuple(_scope_path(self)),
                                           self._rules),))
     try:
+      self._begin_call()
       return self.wrapped(*args, **kwargs)
     finally:
       _ACTIVE.reset(token)

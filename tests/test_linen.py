@@ -231,6 +231,48 @@ def test_shared_wrapper_called_twice_in_setup_parent():
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("style", ["compact", "setup"])
+@pytest.mark.parametrize("calls", [2, 3])
+def test_init_stores_the_same_latents_however_often_the_wrapper_is_called(
+    style, calls):
+  # Weight tying: flax's init first runs the module on what earlier calls
+  # stored (latents), which must not be inverted a second time.
+  def net(n):
+    make = lambda: Reparameterized(  # noqa: E731
+        nn.Dense(2), kernel=posconstr.Exp(),
+        kernel_init=nn.initializers.constant(2.0),
+        bias=posconstr.Sigmoid(0.0, 1.0),
+        bias_init=nn.initializers.constant(0.9999))
+
+    if style == "compact":
+      class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+          layer = make()
+          for _ in range(n):
+            x = layer(x)
+          return x
+    else:
+      class Net(nn.Module):
+        def setup(self):
+          self.layer = make()
+
+        def __call__(self, x):
+          for _ in range(n):
+            x = self.layer(x)
+          return x
+    return Net()
+
+  x = _x((1, 2))
+  once = net(1).init(jax.random.key(0), x)["params"]
+  tied = net(calls).init(jax.random.key(0), x)["params"]
+  latents = next(iter(tied.values()))
+  np.testing.assert_allclose(latents["kernel"], math.log(2.0), rtol=1e-6)
+  np.testing.assert_allclose(latents["bias"], math.log(0.9999 / 0.0001),
+                             rtol=1e-3)
+  jax.tree.map(np.testing.assert_array_equal, tied, once)
+
+
 def test_other_parameterizations_and_rules():
   x = _x((2, 4))
   layer = Reparameterized(nn.Dense(3), kernel=None,
