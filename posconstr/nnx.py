@@ -177,8 +177,14 @@ class Reparameterized(_nnx.Module):
     view = _nnx.merge(graphdef, _adapters.forward_tree(params, plan), rest)
     out = view(*args, **kwargs)
     # Carry back what the call changed besides the Params (RNG counters,
-    # batch statistics, caches); the latents are never written.
-    _nnx.update(self.module, _nnx.state(view, _nnx.Not(_nnx.Param)))
+    # batch statistics, caches); the latents are never written. A call that
+    # changed nothing writes nothing (a closed-over module in eval mode
+    # under jax.jit, whose variables this trace may not set).
+    after = _nnx.state(view, _nnx.Not(_nnx.Param))
+    before, after_leaves = jax.tree.leaves(rest), jax.tree.leaves(after)
+    if len(before) != len(after_leaves) or any(
+        a is not b for a, b in zip(before, after_leaves)):
+      _nnx.update(self.module, after)
     return out
 
 

@@ -242,6 +242,10 @@ def test_batch_stats_and_rng_counters_survive_the_wrapper():
   twin.eval()
   np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x)))
   np.testing.assert_allclose(model(x), twin(x), rtol=1e-5, atol=1e-6)
+  # Closed over by jax.jit (a functional copy): nothing changes in eval
+  # mode, so nothing is written back from inside the trace.
+  np.testing.assert_allclose(jax.jit(lambda x: model(x))(x), twin(x),
+                             rtol=1e-5, atol=1e-6)
   after = _flat(nnx.state(model, nnx.Param))
   for path in latents:
     np.testing.assert_array_equal(after[path], latents[path])
