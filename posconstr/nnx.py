@@ -145,11 +145,17 @@ class Reparameterized(_nnx.Module):
     return self._rules.value
 
   def applied_state(self):
-    """This wrapper's Param state with ``forward`` applied (a copy).
+    """This wrapper's Param state with its own ``forward`` maps applied (a
+    copy).
 
     The same paths as ``nnx.state(model, nnx.Param)`` and the optimizer:
     ``module/...``. ``nnx.update(plain_twin, model.applied_state()["module"])``
     loads the constrained weights into an unwrapped copy of the model.
+    Params that hold latents of something inside the module (an inner
+    ``Reparameterized``, a :class:`NonNegLinear`, the layers of
+    :class:`ICNN`/:class:`MonotoneMLP`) stay latents here, as that inner
+    part of a twin reads them; an inner wrapper's own ``applied_state()``
+    applies its maps.
     """
     _, _, plan = _param_targets(self.module, self.rules)
     return _adapters.forward_tree(_nnx.state(self, _nnx.Param), plan)

@@ -293,6 +293,15 @@ def test_bad_arguments_raise_at_construction(kwargs, error, match):
     NnxICNN(IN, features, rngs=nnx.Rngs(0), **kwargs)
 
 
+@pytest.mark.parametrize("in_features", [0, 2.5, True])
+def test_bad_in_features_is_named(in_features):
+  with pytest.raises(ValueError, match=r"`in_features` must be a positive "
+                     rf"int, got {in_features!r}\."):
+    NnxICNN(in_features, (8, 1), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="`in_features`"):
+    posconstr.nnx.MonotoneMLP(in_features, (8, 1), (1,), rngs=nnx.Rngs(0))
+
+
 def test_projection_of_a_reparameterized_icnn_is_an_error():
   with pytest.raises(ValueError, match="nothing to project"):
     ICNN((8, 1)).projection()

@@ -272,3 +272,25 @@ def test_bad_rules_raise():
   with pytest.raises(TypeError, match=r"rules\['\*kernel'\]"):
     posconstr.nnx.reparameterize(MLP(nnx.Rngs(0)),
                                  {"*kernel": posconstr.NonNegative()})
+
+
+def test_applied_state_applies_this_wrappers_maps_only():
+  class Two(nnx.Module):
+    def __init__(self, rngs):
+      self.a = posconstr.nnx.reparameterize(
+          nnx.Linear(4, 4, rngs=rngs), {"kernel": posconstr.Exp()})
+      self.b = nnx.Linear(4, 2, rngs=rngs)
+
+  model = posconstr.nnx.reparameterize(Two(nnx.Rngs(0)),
+                                       {"b/kernel": posconstr.Softplus()})
+  latents = _flat(nnx.state(model, nnx.Param))
+  applied = _flat(model.applied_state())
+  np.testing.assert_allclose(applied["module/b/kernel"],
+                             softplus(latents["module/b/kernel"]), rtol=1e-6)
+  # The inner wrapper's latent stays one (a twin's inner wrapper reads it);
+  # the inner wrapper applies its own map.
+  np.testing.assert_array_equal(applied["module/a/module/kernel"],
+                                latents["module/a/module/kernel"])
+  np.testing.assert_allclose(
+      _flat(model.module.a.applied_state())["module/kernel"],
+      np.exp(latents["module/a/module/kernel"]), rtol=1e-6)

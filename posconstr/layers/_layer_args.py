@@ -26,6 +26,19 @@ PROJECT = "project"
 Positivity = Union[str, _parameterizations.Parameterization]
 
 
+def _is_width(width) -> bool:
+  return (not isinstance(width, bool) and isinstance(width, numbers.Integral)
+          and width >= 1)
+
+
+def check_width(width, name: str, owner: str) -> int:
+  """``width`` as a positive int (``name``: the argument, for the error)."""
+  if not _is_width(width):
+    raise ValueError(f"{owner}: `{name}` must be a positive int, got "
+                     f"{width!r}.")
+  return int(width)
+
+
 def check_features(features, owner: str) -> Tuple[int, ...]:
   """``features`` as a tuple of positive ints (at least one)."""
   if isinstance(features, (str, bytes)) or not isinstance(features, Sequence):
@@ -36,8 +49,7 @@ def check_features(features, owner: str) -> Tuple[int, ...]:
     raise ValueError(f"{owner}: `features` must name at least one layer, "
                      "got an empty sequence.")
   for i, width in enumerate(widths):
-    if (isinstance(width, bool) or not isinstance(width, numbers.Integral)
-        or width < 1):
+    if not _is_width(width):
       raise ValueError(f"{owner}: `features[{i}]` must be a positive int, got "
                        f"{width!r} (features={features!r}).")
   return tuple(int(w) for w in widths)

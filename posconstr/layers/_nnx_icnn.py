@@ -71,7 +71,7 @@ class ICNN(nnx.Module):
                dtype: Any = None, param_dtype: Any = jnp.float32):
     _icnn_math.check_args(features, positivity, activation, skip, rho,
                           _OWNER)
-    (in_features,) = _layer_args.check_features((in_features,), _OWNER)
+    in_features = _layer_args.check_width(in_features, "in_features", _OWNER)
     widths = tuple(features)
 
     def linear(n_in, n_out, signs, **kw):

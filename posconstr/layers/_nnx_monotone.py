@@ -61,7 +61,7 @@ class MonotoneMLP(nnx.Module):
                dtype: Any = None, param_dtype: Any = jnp.float32):
     fields = _monotone_math.check_args(features, monotonicity, positivity,
                                        activation, activation_weights, _OWNER)
-    (in_features,) = _layer_args.check_features((in_features,), _OWNER)
+    in_features = _layer_args.check_width(in_features, "in_features", _OWNER)
     signs = _monotone_math.expand(fields.monotonicity, in_features, _OWNER)
     widths = fields.features
     for k, (n_in, n_out) in enumerate(zip((in_features,) + widths, widths)):
