@@ -134,7 +134,9 @@ class Parameterization(base.ValueObject, abc.ABC):
             f"{int(bad.sum())} of {bad.size} values are out of range.")
     top = float(jnp.finfo(value.dtype).max)
     latent = self.inverse_map(self.clamp(jnp.minimum(wide, top)))
-    latent = latent.astype(value.dtype)
+    # Finite in value's dtype too (Softplus(beta=1e-3)'s latent of 0 is
+    # about -87,000, past float16's range).
+    latent = jnp.clip(latent, -top, top).astype(value.dtype)
     overflows = jnp.isinf(self.forward(latent)) & ~jnp.isinf(latent)
     return jnp.where(overflows, base.nextafter(
         latent, jnp.full_like(latent, -jnp.inf)), latent)

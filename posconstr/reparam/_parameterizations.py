@@ -27,6 +27,7 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from posconstr.reparam import _activations
 from posconstr.reparam._parameterization_base import Parameterization
@@ -215,6 +216,12 @@ class Sigmoid(Parameterization):
       if not lower < upper:
         raise ValueError(f"Sigmoid: `lower` must be < `upper`, got "
                          f"lower={lower!r}, upper={upper!r}.")
+      width = np.asarray(upper, np.float64) - np.asarray(lower, np.float64)
+      if not np.all(width <= np.finfo(np.float32).max):
+        # forward's upper - lower would be inf, and its values NaN.
+        raise ValueError(f"Sigmoid: the width `upper - lower` must be finite "
+                         f"in float32 (at most 3.4e38), got lower={lower!r}, "
+                         f"upper={upper!r}.")
     else:
       ok = lower < upper
       lower, upper = base.poison(ok, lower), base.poison(ok, upper)
