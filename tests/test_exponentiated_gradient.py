@@ -265,6 +265,30 @@ def test_link_before_the_learning_rate_is_refused():
                              rtol=1e-3)
 
 
+def test_link_after_a_projection_and_projections_to_non_positive_are_refused():
+  params = {"w": jnp.array([5.0, 2.0])}
+  grads = {"w": jnp.array([-10.0, 1.0])}
+  after = (optax.sgd(1.0), posconstr.project_box(0.0, 10.0),
+           posconstr.multiplicative_update())
+  # It reads the projection's displacement (5) as a log-step: 5 e^5.
+  plain = optax.chain(*after)
+  new = optax.apply_updates(params, plain.update(grads, plain.init(params),
+                                                 params)[0])["w"]
+  np.testing.assert_allclose(new[0], 5 * math.exp(5), rtol=1e-5)
+  with pytest.raises(ValueError, match="link 1 is followed by link 2"):
+    posconstr.chain(*after).init(params)
+  with pytest.raises(ValueError, match="link 1 is followed by link 2"):
+    posconstr.check_projection_last(plain.init(params))
+  # A projection after it that sends weights to <= 0, where no
+  # multiplicative step can move them again.
+  with pytest.raises(ValueError, match="updated multiplicatively by link 1 "
+                     "and projected by link 2"):
+    posconstr.chain(optax.sgd(0.1), posconstr.multiplicative_update(),
+                    posconstr.project_box(-1.0, -0.5)).init(params)
+  posconstr.chain(optax.sgd(0.1), posconstr.multiplicative_update(),
+                  posconstr.project(posconstr.MaxNorm(1.0))).init(params)
+
+
 def test_mask_leaves_other_leaves_additive():
   params = {"layer": {"kernel": jnp.array([1.0, 2.0]),
                       "bias": jnp.array([0.0, -1.0])}}

@@ -12,21 +12,32 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from posconstr.transforms import _exponentiated_gradient
 from posconstr.transforms import _projected
 from posconstr.transforms import _projection
 from posconstr.tree import _paths
 from posconstr.tree import _selection
 
 
-def _contains_projection(state) -> bool:
-  if isinstance(state, (_projection.ProjectionState,
-                        _projected.ProjectedState)):
+def _contains(state, kinds) -> bool:
+  if isinstance(state, kinds):
     return True
   if isinstance(state, dict):
-    return any(_contains_projection(v) for v in state.values())
+    return any(_contains(v, kinds) for v in state.values())
   if isinstance(state, (tuple, list)):
-    return any(_contains_projection(v) for v in state)
+    return any(_contains(v, kinds) for v in state)
   return False
+
+
+def _contains_projection(state) -> bool:
+  """A projection or a link that must come last like one (``projected``,
+  ``multiplicative_update``)."""
+  return _contains(state, (_projection.ProjectionState,
+                           _projected.ProjectedState))
+
+
+def _is_multiplicative(state) -> bool:
+  return _contains(state, _exponentiated_gradient.MultiplicativeState)
 
 
 def _only_projections(state) -> bool:
@@ -35,8 +46,11 @@ def _only_projections(state) -> bool:
   Wrappers are looked through (chains, ``masked`` and ``inject_hyperparams``
   via their ``inner_state``, ``multi_transform``'s per-label dict). A
   ``projected`` optimizer is not a plain projection: its inner optimizer
-  would read the previous projection's displacement as a gradient.
+  would read the previous projection's displacement as a gradient, and
+  neither is ``multiplicative_update``, which reads it as a log-step.
   """
+  if isinstance(state, _exponentiated_gradient.MultiplicativeState):
+    return False
   if isinstance(state, _projection.ProjectionState):
     return True
   links = _chain_links(state)
@@ -214,7 +228,8 @@ def _check_leaves(transforms, states, params, allow_overlap: bool) -> None:
         if t:
           covering[i].append(k)
   if not allow_overlap and any(len(c) > 1 for c in covering):
-    _check_overlaps(transforms, covering, params, paths)
+    _check_overlaps(transforms, [_is_multiplicative(s) for s in states],
+                    covering, params, paths)
 
 
 def _touched(tx, state, params) -> List[bool]:
@@ -246,26 +261,42 @@ def _probe(leaf):
   return jnp.asarray(3 * np.random.default_rng(0).normal(size=shape), dtype)
 
 
-def _check_overlaps(transforms, covering, params, paths) -> None:
-  """Raises if a later projection of a leaf moves it out of an earlier set,
-  checked on one probe step from zero parameters."""
+def _check_overlaps(transforms, multiplicative, covering, params,
+                    paths) -> None:
+  """Raises if a later projection of a leaf moves it out of an earlier set
+  (for a ``multiplicative_update``, the positive weights), checked on one
+  probe step from zero parameters (from ones when a multiplicative update
+  is among the links, which needs positive ones)."""
   first = min(c[0] for c in covering if len(c) > 1)
   with jax.ensure_compile_time_eval():
-    zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), _paths.leaf_dtype(
-        x)), params)
+    fill = jnp.ones if any(multiplicative[first:]) else jnp.zeros
+    start = jax.tree.map(lambda x: fill(jnp.shape(x), _paths.leaf_dtype(x)),
+                         params)
+    zeros = jax.tree.map(jnp.zeros_like, start)
     tail = optax.with_extra_args_support(optax.chain(*transforms[first:]))
     try:
-      final, _ = tail.update(jax.tree.map(_probe, params), tail.init(zeros),
-                             zeros)
+      steps, _ = tail.update(jax.tree.map(_probe, params), tail.init(start),
+                             start)
     except Exception:  # pylint: disable=broad-except
       return  # Needs extra arguments: cannot probe.
+    # The landing point, as an update from zero parameters.
+    final = optax.apply_updates(start, steps)
     for j in sorted({k for c in covering if len(c) > 1 for k in c[:-1]}):
-      moved = _moves(transforms[j], zeros, final)
+      moved = ([bool(jnp.any(x <= 0)) for x in jax.tree.leaves(final)]
+               if multiplicative[j] else _moves(transforms[j], zeros, final))
       for i, c in enumerate(covering):
         if j in c[:-1] and moved is not None and moved[i]:
           later = c[c.index(j) + 1:]
+          where = f"parameter `{_paths.shown(paths[i])}`"
+          if multiplicative[j]:
+            raise ValueError(
+                f"{where} is updated multiplicatively by link {j} and "
+                f"projected by link {later[-1]}: the projection moves it to "
+                "weights <= 0 (found on a probe point), which a "
+                "multiplicative update cannot move again. Project it onto a "
+                "set of positive weights, or pass allow_overlap=True.")
           raise ValueError(
-              f"parameter `{_paths.shown(paths[i])}` is projected by link {j} "
+              f"{where} is projected by link {j} "
               f"and again by link {later[-1]}: the later projection moves it "
               f"out of link {j}'s set (found on a probe point), so the "
               "parameters leave that set. Project each "
