@@ -135,6 +135,14 @@ CASES = [
          {"w": jnp.ones(2, jnp.bfloat16)}),
      ValueError, r"no bfloat16 value lies between `lower` and `upper` "
      r"\(parameter `w`\)"),
+    ("project_nonneg.eps_past_dtype",
+     lambda: pc.project_nonneg(1e5).init({"w": jnp.ones(2, jnp.float16)}),
+     ValueError, r"NonNegative\(eps=100000.0\): no finite float16 value lies "
+     r"at or above `eps` \(parameter `w`\)"),
+    ("project_box.one_sided_past_dtype",
+     lambda: pc.project_box(None, -7e4).init({"w": jnp.ones(2, jnp.float16)}),
+     ValueError, r"no finite float16 value lies at or below `upper` "
+     r"\(parameter `w`\)"),
     # ------------------------------------------------ project_box bound trees
     ("project_box.tree_not_prefix",
      lambda: pc.project_box(lower={"layer": {"w": 0.0}}).init(P), ValueError,

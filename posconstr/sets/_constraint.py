@@ -360,7 +360,8 @@ def cast_bound_numpy(bound, dtype, *, round_up: bool) -> np.ndarray:
   the nearest float32 when x64 is disabled, possibly outwards.
   """
   wide = np.asarray(bound, dtype=np.float64)
-  narrow = wide.astype(dtype)
+  with np.errstate(over="ignore"):  # Past the dtype's range: an infinity.
+    narrow = wide.astype(dtype)
   back = narrow.astype(np.float64)
   wrong = back < wide if round_up else back > wide
   step = np.asarray(np.inf if round_up else -np.inf, dtype=narrow.dtype)

@@ -108,10 +108,21 @@ class _Interval(base.Constraint):
         raise ValueError(
             f"{owner}: `{name}` of shape {bshape} does not broadcast to "
             f"parameter `{path}` of shape {shape}.")
-    if self.lower is None or self.upper is None:
-      return
     lo, hi = self._bounds(dtype) if base.is_concrete(self.lower) and (
         base.is_concrete(self.upper)) else self.bounds_in(dtype)
+    for name, bound, beyond, side in (("lower", lo, np.inf, "at or above"),
+                                      ("upper", hi, -np.inf, "at or below")):
+      # A bound past the dtype's range rounds inwards to an infinity.
+      if (bound is not None and base.is_concrete(bound)
+          and np.any(np.asarray(bound) == beyond)):
+        if name == "lower" and isinstance(self, NonNegative):
+          name = "eps"
+        raise ValueError(
+            f"{owner}: no finite {np.dtype(dtype).name} value lies {side} "
+            f"`{name}` (parameter `{path}`); use a wider dtype or a bound "
+            "within its range.")
+    if lo is None or hi is None:
+      return
     if base.is_concrete(lo) and base.is_concrete(hi):
       if np.any(np.asarray(lo) > np.asarray(hi)):  # numpy: no tracing
         raise ValueError(
