@@ -180,6 +180,22 @@ def test_box_with_per_leaf_bound_tree():
         new["Dense_1"][name], np.minimum(params["Dense_1"][name], 0.5))
 
 
+def test_box_bound_tree_checks_only_the_leaves_it_projects():
+  # A scalar lower bound reaches every leaf, the integer counter too; the
+  # mask (or the default float-only selection) leaves it alone.
+  params = {"w": jnp.array([-1.0, 2.0]), "b": jnp.array([3.0]),
+            "step": jnp.array(7)}
+  upper = {"w": 1.0, "b": 2.0, "step": None}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for mask in (["w", "b"], None):
+    tx = posconstr.project_box(0.0, upper, mask=mask)
+    new = optax.apply_updates(params,
+                              tx.update(zero, tx.init(params), params)[0])
+    np.testing.assert_array_equal(new["w"], np.clip([-1.0, 2.0], 0, 1))
+    np.testing.assert_array_equal(new["b"], [2.0])
+    assert int(new["step"]) == 7
+
+
 # ------------------------------------------------- exact landing (hypothesis)
 
 _BIG = float(np.float32(3e38))

@@ -280,7 +280,6 @@ def project_box(lower=None, upper=None,
 
   def make_plan(params):
     chosen = _selection.select(params, mask, owner)
-    boxes = _bound_trees.leaf_boxes(params, lower, upper, owner)
-    return [box if pick else None for pick, box in zip(chosen, boxes)]
+    return _bound_trees.leaf_boxes(params, lower, upper, owner, chosen)
 
   return projection_from_plan(make_plan, owner)

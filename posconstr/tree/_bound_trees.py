@@ -33,20 +33,22 @@ def _per_leaf(bound, params, name: str, owner: str) -> list:
   return [v for v, sub in zip(values, subtrees) for _ in jax.tree.leaves(sub)]
 
 
-def leaf_boxes(params, lower, upper,
-               owner: str) -> List[Optional[_intervals.Box]]:
-  """One validated ``Box`` per leaf of ``params`` (None where unbounded).
+def leaf_boxes(params, lower, upper, owner: str,
+               chosen=None) -> List[Optional[_intervals.Box]]:
+  """One validated ``Box`` per leaf of ``params`` (None where unbounded, or
+  not ``chosen``: a list of bools per leaf, as a mask selects them).
 
   Raises errors that name the owner and the parameter path: bounds with
   ``lower > upper``, bounds that do not broadcast to their leaf, a bound
   tree that is not a prefix of ``params``.
   """
   paths, leaves, _ = _paths.leaves_with_paths(params)
+  chosen = [True] * len(leaves) if chosen is None else chosen
   boxes = []
-  for path, leaf, lo, hi in zip(paths, leaves,
-                                _per_leaf(lower, params, "lower", owner),
-                                _per_leaf(upper, params, "upper", owner)):
-    if lo is None and hi is None:
+  for path, leaf, lo, hi, pick in zip(
+      paths, leaves, _per_leaf(lower, params, "lower", owner),
+      _per_leaf(upper, params, "upper", owner), chosen):
+    if not pick or (lo is None and hi is None):
       boxes.append(None)
       continue
     # A bare array is `x0` to minimize, `params` to the Optax transforms.
