@@ -360,6 +360,17 @@ def test_init_refuses_weights_that_are_not_positive(value):
   posconstr.exponentiated_gradient(0.1, signed=True).init(params)  # Any sign.
 
 
+def test_empty_leaves_are_accepted():
+  params = {"w": jnp.ones((0,)), "v": jnp.array([1.0, 2.0])}
+  tx = posconstr.exponentiated_gradient(0.1)
+  grads = {"w": jnp.ones((0,)), "v": jnp.array([1.0, -1.0])}
+  new = optax.apply_updates(params, tx.update(grads, tx.init(params),
+                                              params)[0])
+  assert new["w"].shape == (0,)
+  np.testing.assert_allclose(new["v"], [math.exp(-0.1), 2 * math.exp(0.1)],
+                             rtol=1e-6)
+
+
 def test_misuse_of_update_and_masks():
   tx = posconstr.multiplicative_update(mask="*/count")
   params = {"opt": {"count": jnp.arange(3)}}

@@ -109,18 +109,19 @@ def _check_positive(params, chosen, owner):
       x = jnp.asarray(leaf)
       bad = ~((x > 0) & jnp.isfinite(x))
       count = int(jnp.sum(bad))
+      if not count:  # (An empty leaf has no first entry.)
+        continue
       first = np.unravel_index(int(jnp.argmax(bad)), x.shape)
       value = float(x[first])
-    if count:
-      raise ValueError(
-          f"{owner}: parameter `{_paths.shown(path)}` has {count} of "
-          f"{x.size} entries that are not finite and > 0 (the first: "
-          f"{value!r} at index {tuple(map(int, first))}). "
-          "Multiplicative updates keep a weight's sign: a weight at 0 stays "
-          "0 for good and a negative one would move against its gradient. "
-          "Initialize the selected leaves > 0 (e.g. the absolute value of the "
-          "usual initializer), select fewer leaves with `mask=` (biases "
-          "start at 0), or pass signed=True for weights of either sign.")
+    raise ValueError(
+        f"{owner}: parameter `{_paths.shown(path)}` has {count} of "
+        f"{x.size} entries that are not finite and > 0 (the first: "
+        f"{value!r} at index {tuple(map(int, first))}). "
+        "Multiplicative updates keep a weight's sign: a weight at 0 stays "
+        "0 for good and a negative one would move against its gradient. "
+        "Initialize the selected leaves > 0 (e.g. the absolute value of the "
+        "usual initializer), select fewer leaves with `mask=` (biases "
+        "start at 0), or pass signed=True for weights of either sign.")
 
 
 def multiplicative_update(mask: Mask = None, *, signed: bool = False,
