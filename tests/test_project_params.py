@@ -47,6 +47,15 @@ def test_mask_form_and_jit_agree_with_the_transform():
     np.testing.assert_array_equal(a, b)
 
 
+def test_python_number_leaves_with_an_optax_tree_projection():
+  params = {"a": jnp.array([-1.0, 2.0]), "f": -2.0}
+  for projection in (optax.projections.projection_non_negative,
+                     posconstr.NonNegative()):
+    out = posconstr.project_params(params, projection, mask=["a", "f"])
+    np.testing.assert_array_equal(out["a"], [0.0, 2.0])
+    assert float(out["f"]) == 0.0
+
+
 def test_errors_name_the_problem():
   with pytest.raises(ValueError, match=r"match no parameter path"):
     posconstr.project_params(_params(), posconstr.NonNegative(), mask="nope")

@@ -85,7 +85,7 @@ def _projected_leaves(fn, leaves, treedef, chosen, owner: str) -> list:
       raise ValueError(
           f"{owner}: the projection {_name(fn)} changed a leaf's shape from "
           f"{jnp.shape(x)} to {jnp.shape(y)}.")
-    result.append(jnp.asarray(y).astype(x.dtype))
+    result.append(jnp.asarray(y).astype(jnp.asarray(x).dtype))  # x: any leaf
   return result
 
 
