@@ -133,6 +133,25 @@ def test_paths_through_lists_and_named_tuples():
     posconstr.project_nonneg(mask="layers/2/*").init(params)
 
 
+def test_a_field_named_value_keeps_its_name_outside_nnx_variables():
+  # Only an nnx.Variable's own `.value` is left out of a path.
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Gain(NamedTuple):
+    value: jax.Array
+    bias: jax.Array
+
+  params = {"gain": Gain(jnp.array([-1.0]), jnp.array([-2.0]))}
+  new = posconstr.project_params(params, posconstr.NonNegative(),
+                                 mask="gain/value")
+  np.testing.assert_array_equal(new["gain"].value, [0.0])
+  np.testing.assert_array_equal(new["gain"].bias, [-2.0])
+  state = nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Param)
+  for tree in (state, nnx.to_pure_dict(state)):
+    report = posconstr.constraint_report(tree, posconstr.NonNegative())
+    assert sorted(report) == ["bias", "kernel"], sorted(report)
+
+
 # ---------------------------------------------------------------- mask errors
 
 

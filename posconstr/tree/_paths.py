@@ -24,16 +24,20 @@ def key_to_str(key) -> str:
 
 
 def path_to_str(path: Sequence[Any]) -> str:
-  """Joins a key path with ``/``.
-
-  A trailing ``.value`` attribute is dropped: it is how an ``nnx.Variable``
-  holds its array, so ``nnx.state(model)`` (Variables) and its pure form
-  (arrays, as ``nnx.Optimizer`` passes to Optax) give the same paths.
-  """
-  path = list(path)
-  if path and isinstance(path[-1], jtu.GetAttrKey) and path[-1].name == "value":
-    path = path[:-1]
+  """Joins a key path with ``/``."""
   return "/".join(key_to_str(k) for k in path)
+
+
+def _is_nnx_variable(x) -> bool:
+  """An ``nnx.Variable`` (recognised without importing flax)."""
+  return any(c.__name__ == "Variable" and c.__module__.startswith("flax.nnx")
+             for c in type(x).__mro__)
+
+
+def _variable_paths(tree) -> set:
+  """The key paths of the ``nnx.Variable`` nodes of ``tree``."""
+  pairs, _ = jtu.tree_flatten_with_path(tree, is_leaf=_is_nnx_variable)
+  return {tuple(p) for p, x in pairs if _is_nnx_variable(x)}
 
 
 def shown(path: str, root: str = "params") -> str:
@@ -46,9 +50,19 @@ def shown(path: str, root: str = "params") -> str:
 
 
 def leaves_with_paths(tree) -> Tuple[List[str], List[Any], Any]:
-  """Returns (paths, leaves, treedef) of ``tree``."""
+  """Returns (paths, leaves, treedef) of ``tree``.
+
+  An ``nnx.Variable``'s own ``.value`` key is left out of its path: so
+  ``nnx.state(model)`` (Variables) and its pure form (arrays, as
+  ``nnx.Optimizer`` passes to Optax) give the same paths. An attribute named
+  ``value`` of anything else stays in.
+  """
   pairs, treedef = jtu.tree_flatten_with_path(tree)
-  paths = [path_to_str(p) for p, _ in pairs]
+  value = jtu.GetAttrKey("value")
+  ends_in_value = [bool(p) and p[-1] == value for p, _ in pairs]
+  held = _variable_paths(tree) if any(ends_in_value) else set()
+  paths = [path_to_str(p[:-1] if end and tuple(p[:-1]) in held else p)
+           for (p, _), end in zip(pairs, ends_in_value)]
   leaves = [leaf for _, leaf in pairs]
   return paths, leaves, treedef
 
