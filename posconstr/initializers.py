@@ -78,8 +78,9 @@ def icnn_moments(fan_in: int, rho: float = 0.5, var: float = 1.0,
     (0.02868, 0.015625, -0.73228)
   """
   _check(rho, var, bias_noise, alpha)
-  if fan_in < 1:
-    raise ValueError(f"icnn: `fan_in` must be >= 1, got {fan_in!r}.")
+  if (isinstance(fan_in, bool) or not isinstance(fan_in, numbers.Integral)
+      or fan_in < 1):
+    raise ValueError(f"icnn: `fan_in` must be an int >= 1, got {fan_in!r}.")
   n = float(fan_in)
   mixed = math.sqrt(1 - rho**2) + rho * math.acos(-rho)
   corr = n * (math.pi - n + (n - 1) * mixed) / (2 * math.pi)

@@ -208,7 +208,10 @@ def test_bad_arguments_raise_naming_them(kwargs, name):
 
 
 def test_bad_fan_in_and_kernel_rank():
-  with pytest.raises(ValueError, match="`fan_in`"):
-    init.icnn_moments(0)
+  for fan_in in (0, 2.5, "3", True):
+    with pytest.raises(ValueError, match=rf"`fan_in` must be an int >= 1, "
+                       rf"got {fan_in!r}"):
+      init.icnn_moments(fan_in)
+  assert init.icnn_moments(np.int64(8)) == init.icnn_moments(8)
   with pytest.raises(ValueError, match="rank"):
     init.icnn()(jax.random.key(0), (16,))
