@@ -155,7 +155,11 @@ class Reparameterized(nn.Module):
     module: the linen module to wrap (unbound, e.g. ``nn.Dense(16)``).
     kernel: parameterization of the variable ``kernel``, or None.
     bias: parameterization of the variable ``bias``, or None.
-    rules: more ``{pattern: parameterization}`` for other variables.
+    rules: more ``{pattern: parameterization}`` for other variables, tried
+      after ``kernel=``/``bias=`` (first match wins): ``rules={"*": Exp()}``
+      leaves the kernel to ``kernel=`` (pass ``kernel=None`` to let the
+      rule take it), and a rule keyed exactly ``"kernel"`` or ``"bias"``
+      replaces ``kernel=``/``bias=``.
     kernel_init: initializer of the applied kernel (overrides the module's).
     bias_init: initializer of the applied bias (overrides the module's).
 
