@@ -135,6 +135,12 @@ CASES = [
          {"w": jnp.ones(2, jnp.bfloat16)}),
      ValueError, r"no bfloat16 value lies between `lower` and `upper` "
      r"\(parameter `w`\)"),
+    ("project_nonneg.update_shape",
+     lambda: pc.project_nonneg().update({"w": jnp.ones(2)},
+                                        pc.ProjectionState(),
+                                        {"w": jnp.ones(3)}),
+     ValueError, r"the update of parameter `w` has shape \(2,\), which does "
+     r"not broadcast to the parameter's shape \(3,\)"),
     ("project_nonneg.eps_past_dtype",
      lambda: pc.project_nonneg(1e5).init({"w": jnp.ones(2, jnp.float16)}),
      ValueError, r"NonNegative\(eps=100000.0\): no finite float16 value lies "
@@ -338,7 +344,7 @@ CASES = [
     ("icnn.bias_noise=1", lambda: ini.icnn(bias_noise=1.0), ValueError,
      r"icnn: `bias_noise` must be in \[0, 1\), got 1.0"),
     ("icnn_moments.fan_in=0", lambda: ini.icnn_moments(0), ValueError,
-     r"icnn: `fan_in` must be >= 1, got 0"),
+     r"icnn: `fan_in` must be an int >= 1, got 0"),
     ("icnn.rank1_kernel", lambda: ini.icnn()(jax.random.key(0), (5,)),
      ValueError, r"icnn: a kernel of rank >= 2 is needed, got shape \(5,\)"),
     ("icnn.in_axis_out_of_range",

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from posconstr.sets import _constraint
@@ -12,6 +14,7 @@ from posconstr.sets import _intervals
 from posconstr.sets import _landing
 from posconstr.transforms import _tree_projection
 from posconstr.tree import _bound_trees
+from posconstr.tree import _paths
 from posconstr.tree import _selection
 
 # None | str | list[str] | bool pytree | Callable[[params], bool pytree]
@@ -45,10 +48,23 @@ def map_plan(plan: list, fn: Callable, tree, params, owner: str):
   Leaves whose plan entry is None are returned as they are (no work).
   """
   treedef = jax.tree.structure(params)
+  leaves, param_leaves = (leaves_like(treedef, tree, owner),
+                          treedef.flatten_up_to(params))
+  for i, (c, x, p) in enumerate(zip(plan, leaves, param_leaves)):
+    if c is not None and jnp.shape(x) != jnp.shape(p):
+      try:
+        ok = np.broadcast_shapes(jnp.shape(x), jnp.shape(p)) == jnp.shape(p)
+      except ValueError:
+        ok = False
+      if not ok:
+        path = _paths.shown(_paths.leaves_with_paths(params)[0][i])
+        raise ValueError(
+            f"{owner}: the update of parameter `{path}` has shape "
+            f"{jnp.shape(x)}, which does not broadcast to the parameter's "
+            f"shape {jnp.shape(p)}.")
   return treedef.unflatten(
-      x if c is None else fn(c, x, p) for c, x, p in zip(
-          plan, leaves_like(treedef, tree, owner),
-          treedef.flatten_up_to(params)))
+      x if c is None else fn(c, x, p)
+      for c, x, p in zip(plan, leaves, param_leaves))
 
 
 def leaves_like(treedef, tree, owner: str) -> list:
