@@ -383,3 +383,29 @@ def test_shells_round_to_nearest_when_p_is_near_and_still_land(name):
             + 1e-7 * np.abs(target)).all(), dtype
     new = land(p.at[0, 0].set(80.0), u)
     assert float(c.violation(new)) == 0.0, dtype
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2],
+                         ids=["e4m3fn", "e5m2"])
+@pytest.mark.parametrize("constraint", [
+    pc.NonNegative(), pc.Box(-1.0, 1.0), pc.Simplex(axis=0),
+    pc.MaxNorm(1.0, axis=0), pc.UnitNorm(axis=0),
+    pc.MinMaxNorm(0.5, 1.0, axis=0)], ids=repr)
+def test_float8_leaves_are_projected_and_land_in_the_set(constraint, dtype):
+  # The sets reduce and land in float32 for leaves narrower than that.
+  x = jnp.array([[-1.0, 2.0, 0.5], [3.0, -0.25, 1.0]], dtype)
+  y = constraint.project(x)
+  assert y.dtype == dtype
+  assert float(constraint.violation(y)) == 0
+  np.testing.assert_array_equal(np.asarray(constraint.project(y), np.float32),
+                                np.asarray(y, np.float32))
+  if constraint.elementwise:  # Exact bounds in float8: the clip itself.
+    lo, hi = (0, np.inf) if isinstance(constraint, pc.NonNegative) else (-1, 1)
+    np.testing.assert_array_equal(
+        np.asarray(y, np.float32), np.clip(np.asarray(x, np.float32), lo, hi))
+  tx = optax.chain(optax.sgd(0.1), pc.project(constraint))
+  params = {"w": x}
+  step = jax.jit(lambda p, s: tx.update({"w": jnp.ones_like(x)}, s, p))
+  updates, _ = step(params, tx.init(params))
+  new = optax.apply_updates(params, updates)["w"]
+  assert new.dtype == dtype and float(constraint.violation(new)) == 0

@@ -321,7 +321,10 @@ def check_float_dtype(dtype, owner: str, path: str) -> None:
 
 
 def accumulation_dtype(dtype):
-  """float32 for half precision leaves, the leaf's own dtype otherwise."""
+  """float32 for leaves narrower than 32 bits (half precision, float8), the
+  leaf's own dtype otherwise. (JAX does not promote float8 with float32.)"""
+  if np.dtype(dtype).itemsize < 4:
+    return np.dtype(np.float32)
   return jnp.promote_types(dtype, jnp.float32)
 
 
