@@ -153,6 +153,11 @@ CASES = [
     ("project_box.tree_not_prefix",
      lambda: pc.project_box(lower={"layer": {"w": 0.0}}).init(P), ValueError,
      r"project_box: the `lower` tree is not a prefix of the params tree"),
+    ("project_box.list_of_numbers",
+     lambda: pc.project_box([0.0, 1.0, 2.0], 5.0).init(
+         {"w": jnp.ones((2, 3))}), ValueError,
+     r"the `lower` tree is not a prefix .* For one bound per column, pass an "
+     r"array: np.array\(\[0.0, 1.0, 2.0\]\)"),
     ("project_box.tree_lower>upper",
      lambda: pc.project_box(lower={"layer": {"w": 0.0, "b": 2.0}},
                             upper={"layer": {"w": 1.0, "b": 1.0}}).init(P),

@@ -27,8 +27,14 @@ def _per_leaf(bound, params, name: str, owner: str) -> list:
   try:
     subtrees = bound_def.flatten_up_to(params)
   except (ValueError, TypeError) as e:
+    hint = ""
+    if isinstance(bound, (list, tuple)) and all(
+        isinstance(v, (int, float)) for v in bound):
+      # Lists are pytrees here (one bound per element of a list of params).
+      hint = (f" For one bound per column, pass an array: "
+              f"np.array({list(bound)!r}).")
     raise ValueError(f"{owner}: the `{name}` tree is not a prefix of the "
-                     f"params tree: {e}") from e
+                     f"params tree: {e}{hint}") from e
   values = jax.tree.leaves(bound, is_leaf=lambda x: x is None)
   return [v for v, sub in zip(values, subtrees) for _ in jax.tree.leaves(sub)]
 
