@@ -267,3 +267,18 @@ def test_check_leaf_rejects_non_float_leaves(c, dtype):
 def test_check_leaf_accepts_valid_leaves(c, shape):
   for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
     c.check_leaf(shape, dtype, "params/w")
+
+
+@pytest.mark.parametrize("constraint", [
+    Box(7e4, 8e4), NonNegative(1e5), Box(0.1, 0.10001)], ids=repr)
+def test_a_set_with_no_value_in_the_dtype_refuses_to_project(constraint):
+  # A clip onto bounds past float16's range (or between two neighbours)
+  # would return a point outside the set.
+  x = jnp.ones(2, jnp.float16)
+  for call in (lambda: constraint.project(x),
+               lambda: constraint.landing_update(x, x)):
+    with pytest.raises(ValueError, match=r"no finite float16 value lies in "
+                       "the set"):
+      call()
+  assert float(constraint.violation(constraint.project(x.astype(
+      jnp.float32)))) == 0

@@ -141,16 +141,34 @@ class _Interval(base.Constraint):
             f"{self!r}: bounds of shapes {np.shape(self.lower)}, "
             f"{np.shape(self.upper)} do not broadcast to {tuple(shape)}.")
 
+  def _nonempty_bounds(self, dtype, method):
+    """``_bounds``; a ValueError where concrete bounds hold no finite value
+    of ``dtype`` (a clip would return a point outside the set)."""
+    lo, hi = self._bounds(dtype)
+    empty = False
+    with np.errstate(invalid="ignore"):
+      if lo is not None and base.is_concrete(lo):
+        empty = bool(np.any(np.asarray(lo) == np.inf))
+        if hi is not None and base.is_concrete(hi):
+          empty = empty or bool(np.any(np.asarray(lo) > np.asarray(hi)))
+      if hi is not None and base.is_concrete(hi):
+        empty = empty or bool(np.any(np.asarray(hi) == -np.inf))
+    if empty:
+      raise ValueError(f"{self!r}.{method}: no finite {np.dtype(dtype).name} "
+                       "value lies in the set; use a wider dtype.")
+    return lo, hi
+
   def project(self, x):
     x = self._input(x, "project")
     self._check_broadcast(x.shape)
-    return _landing.clip(x, *self._bounds(x.dtype))
+    return _landing.clip(x, *self._nonempty_bounds(x.dtype, "project"))
 
   def landing_update(self, param, update):
     param = self._input(param, "landing_update", "param")
     update = jnp.asarray(update)
     self._check_broadcast(param.shape)
-    return _landing.interval_landing(param, update, *self._bounds(param.dtype))
+    return _landing.interval_landing(
+        param, update, *self._nonempty_bounds(param.dtype, "landing_update"))
 
   def _masks(self, x):
     """``(x <= lower, x >= upper)``, None for an unbounded side."""
