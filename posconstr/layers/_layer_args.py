@@ -28,7 +28,7 @@ Positivity = Union[str, _parameterizations.Parameterization]
 
 def _is_width(width) -> bool:
   return (not isinstance(width, bool) and isinstance(width, numbers.Integral)
-          and width >= 1)
+          and int(width) >= 1)
 
 
 def check_width(width, name: str, owner: str) -> int:
