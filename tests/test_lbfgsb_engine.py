@@ -247,6 +247,29 @@ def test_infinite_gradient_at_the_start(x64):
   np.testing.assert_allclose(np.asarray(r.params), 2.0 ** (-2 / 3), rtol=1e-7)
 
 
+def test_infinite_gradient_pointing_out_at_a_bound_is_held_there(x64):
+  """sqrt(x) + (y - 1)^2 from x = 0: g_x = +inf points out of x >= 0, and
+  the other coordinates take their usual steps (it used to stall)."""
+  r = posconstr.minimize(lambda v: jnp.sqrt(v[0]) + (v[1] - 1) ** 2,
+                         jnp.array([0.0, 3.0]), 0.0, 5.0)
+  assert int(r.status) == Status.CONVERGED
+  np.testing.assert_allclose(np.asarray(r.params), [0.0, 1.0], atol=1e-9)
+  # Separable: per coordinate, sqrt(x) + (x - c)^2 / 2 on [0, 10], minimized
+  # by a bounded scalar search (and compared with x = 0).
+  c = np.array([1.0, -2.0, 4.0])
+  r = posconstr.minimize(
+      lambda x, c: jnp.sum(jnp.sqrt(x)) + 0.5 * jnp.sum((x - c) ** 2),
+      jnp.array([1.0, 3.0, 3.0]), 0.0, 10.0, args=(jnp.asarray(c),))
+  assert int(r.status) == Status.CONVERGED
+  for xi, ci in zip(np.asarray(r.params), c):
+    def f(x, ci=ci):
+      return np.sqrt(max(x, 0.0)) + 0.5 * (x - ci) ** 2
+    best = so.minimize_scalar(f, bounds=(0, 10), method="bounded",
+                              options={"xatol": 1e-12})
+    want = best.x if best.fun < f(0.0) else 0.0
+    np.testing.assert_allclose(xi, want, atol=1e-6)
+
+
 def test_bound_is_rounded_in_the_dtype_of_the_iterates():
   # x64 off: the numpy float64 x0 iterates in float32, so 0.1 must be
   # rounded down in float32 (to 0.099999994), as project_box does.

@@ -392,12 +392,18 @@ def direction(memory: Memory, x, g, lower, upper, eps_active, *,
 
   Where some gradient component is infinite (e.g. ``sqrt`` at 0), the
   direction is ``-sign(g)`` on those components and 0 elsewhere: a unit
-  step along what dominates. ``empty`` (static): the memory is known to
-  hold no pair, so no inverse-Hessian product is built (a smaller program).
+  step along what dominates. An infinite component that points out of the
+  box at its bound (``sqrt`` at a lower bound of 0) is held there instead,
+  and the other components take the usual step. ``empty`` (static): the
+  memory is known to hold no pair, so no inverse-Hessian product is built
+  (a smaller program).
   """
   infinite = jax.tree.map(jnp.isinf, g)
+  blocked = jax.tree.map(jnp.logical_and, infinite,
+                         active_outward(x, g, lower, upper, 0))
+  usable = jax.tree.map(lambda i, b: i & ~b, infinite, blocked)
   any_infinite = jnp.any(jnp.stack(
-      [jnp.any(i) for i in jax.tree.leaves(infinite)] or [jnp.zeros((), bool)]))
+      [jnp.any(i) for i in jax.tree.leaves(usable)] or [jnp.zeros((), bool)]))
   finite_g = jax.tree.map(
       lambda gi, i: jnp.where(i, jnp.zeros((), gi.dtype), gi), g, infinite)
   dtype = memory.gamma.dtype
@@ -409,7 +415,8 @@ def direction(memory: Memory, x, g, lower, upper, eps_active, *,
                     memory.gamma).astype(dtype)
   width = projected_gradient_norm(x, tree_scale(gamma, finite_g), lower, upper)
   eps = jnp.where(width < eps_active, width, eps_active)
-  active = active_outward(x, finite_g, lower, upper, eps)
+  active = jax.tree.map(jnp.logical_or, active_outward(
+      x, finite_g, lower, upper, eps), blocked)
   free_g = jax.tree.map(lambda gi, a: jnp.where(a, 0, gi), finite_g, active)
   # Before any pair the first step is 1 long in the 2-norm (as SciPy's).
   first_norm = jnp.sqrt(tree_vdot(free_g, free_g))
@@ -424,4 +431,4 @@ def direction(memory: Memory, x, g, lower, upper, eps_active, *,
     return jnp.where(any_infinite, jnp.where(i, -jnp.sign(g_raw), 0),
                      d).astype(gi.dtype)
 
-  return jax.tree.map(leaf, hq, finite_g, active, infinite, g)
+  return jax.tree.map(leaf, hq, finite_g, active, usable, g)
