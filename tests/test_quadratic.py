@@ -254,6 +254,17 @@ def test_vmap_and_jit(x64):
                                atol=1e-14)
 
 
+def test_traced_empty_box_is_nan_and_not_converged(x64):
+  # Concrete lower > upper is a ValueError; traced, it is flagged per problem.
+  Q, c = jnp.eye(2), jnp.array([1.0, -1.0])
+  r = jax.jit(lambda lo, hi: box_qp(Q, c, lo, hi))(1.0, 0.0)
+  assert np.isnan(np.asarray(r.x)).all() and not bool(r.converged)
+  r = jax.vmap(lambda lo: box_qp(Q, c, lo, 0.5))(jnp.array([0.0, 0.7]))
+  np.testing.assert_array_equal(np.asarray(r.x[0]), [0.0, 0.5])  # clip(-c)
+  assert np.isnan(np.asarray(r.x[1])).all()
+  np.testing.assert_array_equal(np.asarray(r.converged), [True, False])
+
+
 def test_degenerate_problems(x64):
   A, b = planted(4)
   zero = _nnls(A, np.zeros(M))

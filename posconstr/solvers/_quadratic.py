@@ -271,8 +271,9 @@ def box_qp(Q, c, lower=None, upper=None, *, x0=None,
   Raises:
     TypeError: a non-floating ``Q``, ``c`` or ``x0``, a non-real bound, a
       non-integer ``maxiter``.
-    ValueError: wrong shapes, ``lower > upper`` (when concrete), NaN bounds,
-      negative ``maxiter``.
+    ValueError: wrong shapes, ``lower > upper`` (when concrete; traced
+      bounds with ``lower > upper`` give NaN ``x`` and ``converged`` False
+      for the problems concerned), NaN bounds, negative ``maxiter``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -310,6 +311,12 @@ def box_qp(Q, c, lower=None, upper=None, *, x0=None,
     return _finish(G, q, lo, hi, jnp.zeros(shape, work), jnp.ones((0,), bool),
                    jnp.zeros((0,), jnp.int32), vector, dtype)
   x, conv, it = _solve(G, q, lo, hi, start, iters, warm, False)
+  if not (_constraint.is_concrete(lo) and _constraint.is_concrete(hi)):
+    # Traced bounds (jit, vmap) are checked here: an empty box has no
+    # solution, so its columns are NaN and not converged.
+    empty = jnp.any((lo > hi) | (lo == jnp.inf) | (hi == -jnp.inf), axis=0)
+    x = jnp.where(empty, jnp.nan, x)
+    conv = conv & ~empty
   return _finish(G, q, lo, hi, x, conv, it, vector, dtype)
 
 
