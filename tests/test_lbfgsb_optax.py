@@ -219,3 +219,11 @@ def test_bad_bounds_raise_at_init():
     posconstr.lbfgsb(lower={"w": jnp.zeros(2), "b": 0.0}).init(params)
   with pytest.raises(ValueError, match="prefix"):
     posconstr.lbfgsb(upper={"w": 1.0}).init(params)
+
+
+def test_integer_leaf_is_named_at_init():
+  params = {"w": jnp.zeros(3), "step": jnp.array(0)}
+  for lower in (0.0, {"w": 0.0, "step": None}):
+    with pytest.raises(TypeError, match=r"lbfgsb: `params` leaf 'step' has "
+                       r"dtype int32; only floating-point leaves"):
+      posconstr.lbfgsb(lower=lower).init(params)

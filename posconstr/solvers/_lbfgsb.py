@@ -68,16 +68,16 @@ def prepare_bounds(params, lower, upper, owner: str):
   return treedef.unflatten(los), treedef.unflatten(his)
 
 
-def _require_floating(x0) -> None:
+def require_floating(x0, owner: str = "minimize", name: str = "x0",
+                     advice: str = "pass jnp.asarray(x0, jnp.float32)") -> None:
   """Integer leaves have no gradient: say which one, before JAX does."""
   paths, leaves, _ = _paths.leaves_with_paths(x0)
   for path, leaf in zip(paths, leaves):
     dtype = _paths.leaf_dtype(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
-          f"minimize: `x0` leaf {_paths.shown(path, 'x0')!r} has dtype "
-          f"{dtype}; only floating-point leaves can be optimized (e.g. "
-          f"pass jnp.asarray(x0, jnp.float32)).")
+          f"{owner}: `{name}` leaf {_paths.shown(path, name)!r} has dtype "
+          f"{dtype}; only floating-point leaves can be optimized ({advice}).")
 
 
 class LbfgsbResult(NamedTuple):
@@ -357,7 +357,7 @@ def minimize(fun: Callable[..., jax.Array], x0, lower=None, upper=None, *,
     raise ValueError(f"minimize: `memory_size` must be >= 1, got "
                      f"{memory_size!r}.")
   x0 = jax.tree.map(jnp.asarray, x0)  # Bounds are rounded in these dtypes.
-  _require_floating(x0)
+  require_floating(x0)
   lower, upper = prepare_bounds(x0, lower, upper, "minimize")
   settings = step_lib.Settings(tol, atol, ftol, eps_active,
                                max_linesearch_steps, stall_iters, nonmonotone)

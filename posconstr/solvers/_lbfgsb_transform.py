@@ -172,6 +172,10 @@ def lbfgsb(learning_rate: Optional[optax.ScalarOrSchedule] = None,
     return learning_rate(count) if callable(learning_rate) else learning_rate
 
   def init_fn(params):
+    _lbfgsb.require_floating(
+        params, "lbfgsb", "params", "keep integer state such as step "
+        "counters out of the params lbfgsb updates, e.g. with "
+        "optax.multi_transform")
     _lbfgsb.prepare_bounds(params, lower, upper, "lbfgsb")  # Validate now.
     params = state_lib.strong(params)
     leaves = jax.tree.leaves(params)
