@@ -260,3 +260,25 @@ def test_conjugate_gradient_keeps_leaf_dtypes_and_solves(x64):
                                            np.asarray(b["b"])]))
   np.testing.assert_allclose(np.asarray(v["b"]), ref[3:], rtol=1e-5)
   np.testing.assert_allclose(np.asarray(v["a"]), ref[:3], rtol=1e-5)
+
+
+def test_differentiating_a_value_fun_closes_over_says_to_use_args():
+  c = jnp.array([0.5, 2.0])
+
+  def solution_sum(c, through_args):
+    if through_args:
+      r = posconstr.minimize(lambda x, c: jnp.sum((x - c) ** 2), jnp.zeros(2),
+                             0.0, 1.0, args=(c,))
+    else:
+      r = posconstr.minimize(lambda x: jnp.sum((x - c) ** 2), jnp.zeros(2),
+                             0.0, 1.0)
+    return r.params.sum()
+
+  with pytest.raises(TypeError, match=r"`fun` closes over a value that an "
+                     r"enclosing jax.grad .* pass it through `args=`"):
+    jax.grad(solution_sum)(c, False)
+  # x* = clip(c, 0, 1): free in c_0, held at 1 in c_1.
+  np.testing.assert_allclose(jax.grad(solution_sum)(c, True), [1.0, 0.0])
+  # jit over a closed-over value is fine (a constant to the solve).
+  np.testing.assert_allclose(jax.jit(lambda c: solution_sum(c, False))(c),
+                             1.5, rtol=1e-6)

@@ -369,8 +369,18 @@ def minimize(fun: Callable[..., jax.Array], x0, lower=None, upper=None, *,
     solve = _solve_jit
   except TypeError:  # An unhashable callable cannot key the cache.
     solve = _solve
-  result = solve(on_groups, static, groups.flatten(x0, lay),
-                 groups.flatten_bounds(lower, lay),
-                 groups.flatten_bounds(upper, lay), args, settings, maxiter)
+  try:
+    result = solve(on_groups, static, groups.flatten(x0, lay),
+                   groups.flatten_bounds(lower, lay),
+                   groups.flatten_bounds(upper, lay), args, settings, maxiter)
+  except (TypeError, jax.errors.UnexpectedTracerError) as e:
+    if "Tracer" not in str(e):
+      raise
+    # A value `fun` closes over is being differentiated: the solve cannot
+    # see it (closed-over values are constants to it).
+    raise TypeError(
+        "minimize: `fun` closes over a value that an enclosing jax.grad (or "
+        "jvp) differentiates; pass it through `args=` to differentiate the "
+        "solution in it: minimize(lambda x, c: ..., x0, args=(c,)).") from e
   return result._replace(params=groups.unflatten(result.params, lay),
                          grad=groups.unflatten(result.grad, lay))
