@@ -282,3 +282,24 @@ def test_differentiating_a_value_fun_closes_over_says_to_use_args():
   # jit over a closed-over value is fine (a constant to the solve).
   np.testing.assert_allclose(jax.jit(lambda c: solution_sum(c, False))(c),
                              1.5, rtol=1e-6)
+
+
+def test_free_coordinates_of_badly_scaled_float32_problems_stay_free():
+  # Every coordinate is free (scipy's nnls agrees), one of them small next
+  # to the rounding of a large gradient: the derivative is the
+  # least-squares one, pinv(A), in every row.
+  rng = np.random.default_rng(6)
+  A = rng.normal(size=(5000, 3)) * 10
+  b = A @ np.array([1.0, 0.5, 5e-4]) + rng.normal(size=5000) * 0.1
+  assert (so.nnls(A, b)[0] > 0).all()
+  A32, b32 = jnp.asarray(A, jnp.float32), jnp.asarray(b, jnp.float32)
+  J = np.asarray(jax.jacobian(lambda b: posconstr.nnls(A32, b).x)(b32))
+  P = np.linalg.pinv(A)
+  for row, want in zip(J, P):
+    assert np.linalg.norm(row - want) <= 1e-4 * np.linalg.norm(want)
+  # A box QP scaled by 1e7 with its solution inside: dx/dc = -Q^-1.
+  Q = jnp.array([[2.0, 1.0], [1.0, 2.0]]) * 1e7
+  c = -Q @ jnp.array([0.3, 0.6])
+  J = jax.jacobian(lambda c: posconstr.box_qp(Q, c, 0.0, 1.0).x)(c)
+  np.testing.assert_allclose(np.asarray(J), -np.linalg.inv(np.asarray(Q)),
+                             rtol=1e-4)

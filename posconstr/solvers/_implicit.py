@@ -51,18 +51,27 @@ def free_mask(x, lower, upper, grad=None):
 
 
 def active_masks(x, g, lower, upper):
-  """Where the fixed point ``x = P(x - g)`` holds ``x`` on a bound.
+  """Where a solution is held on a bound.
 
-  A coordinate is at its lower bound where ``x - lo <= max(g, 0)`` (the
-  projection of ``x - g`` clips it there), at its upper bound where ``hi -
-  x <= max(-g, 0)``: on the bound itself whatever ``g``, and within
-  ``|g|`` of it when ``g`` pushes out, so a solution an ulp short of its
-  bound is still held by it. Returns two boolean trees like ``x``.
+  A coordinate is at its lower bound where ``x <= lo``, whatever ``g``, or
+  where ``g > 0`` pushes it out and it lies within a few ulps of ``lo``
+  (a solution that rounding left just short of its bound); likewise at its
+  upper bound. The width is in units of ``x`` alone: a test against the
+  gradient (``x - lo <= g``, the fixed point of ``P(x - g)``) would mix
+  units, and hold free coordinates of badly scaled problems, whose
+  gradient rounding dwarfs them. Returns two boolean trees like ``x``.
   """
-  at_lower = jax.tree.map(lambda xi, gi, lo: xi - lo <= jnp.maximum(gi, 0),
-                          x, g, lower)
+  def near(xi, bound):  # 0 for an infinite bound (never near)
+    finfo = jnp.finfo(xi.dtype)
+    size = jnp.maximum(jnp.maximum(jnp.abs(xi), jnp.abs(bound)), finfo.tiny)
+    return jnp.where(jnp.isfinite(bound), 8 * finfo.eps * size, -jnp.inf)
+
+  at_lower = jax.tree.map(
+      lambda xi, gi, lo: (xi <= lo) | ((gi > 0) & (xi - lo <= near(xi, lo))),
+      x, g, lower)
   at_upper = jax.tree.map(
-      lambda xi, gi, hi, a: ~a & (hi - xi <= jnp.maximum(-gi, 0)),
+      lambda xi, gi, hi, a: ~a & ((xi >= hi) | (
+          (gi < 0) & (hi - xi <= near(xi, hi)))),
       x, g, upper, at_lower)
   return at_lower, at_upper
 
