@@ -386,3 +386,17 @@ def test_gradient_vmap_over_right_hand_sides(x64):
 def test_bad_input(call, error, words):
   with pytest.raises(error, match=words.replace("[", r"\[")):
     call()
+
+
+@pytest.mark.parametrize("dtype,lo,hi,c", [
+    (jnp.float16, 0.1, 5.0, 1.0), (jnp.bfloat16, -5.0, 1.1, -5.0)])
+def test_half_precision_solutions_stay_inside_unrepresentable_bounds(
+    dtype, lo, hi, c):
+  # Solved in float32, then rounded into the box (0.1 and 1.1 are not
+  # representable): the nearest value inside, as posconstr.Box rounds.
+  r = box_qp(jnp.eye(2, dtype=dtype), jnp.full(2, c, dtype), lo, hi)
+  assert r.x.dtype == dtype
+  x = np.asarray(r.x, np.float64)
+  assert (x >= lo).all() and (x <= hi).all()
+  want = posconstr.Box(lo, hi).project(jnp.full(2, -c, dtype))
+  np.testing.assert_array_equal(np.asarray(r.x), np.asarray(want))

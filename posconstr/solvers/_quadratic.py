@@ -195,7 +195,11 @@ def _finish(G, q, lo, hi, x, conv, iters, vector, dtype, objective=None):
   if objective is None:
     objective = jnp.sum(x * (0.5 * (grad + q)), axis=0)
   kkt = jnp.max(jnp.abs(x - jnp.clip(x - grad, lo, hi)), axis=0)
-  out = QPResult(x.astype(dtype), objective.astype(dtype), grad.astype(dtype),
+  x_out = x.astype(dtype)
+  if x_out.dtype != x.dtype:  # Solved wider: round into the box, not out.
+    x_out = jnp.clip(x_out, _constraint.cast_bound(lo, dtype, round_up=True),
+                     _constraint.cast_bound(hi, dtype, round_up=False))
+  out = QPResult(x_out, objective.astype(dtype), grad.astype(dtype),
                  kkt.astype(dtype), iters, conv)
   if vector:
     out = QPResult(*(v[:, 0] if v.ndim == 2 else v[0] for v in out))
