@@ -255,3 +255,22 @@ def test_tree_at_and_serialisation_see_the_latent():
                   jax.tree.leaves(_params(edited))):
     np.testing.assert_array_equal(a, b)
   assert restored.layers[0].weight.parameterization == posconstr.Softplus()
+
+
+def test_a_catch_all_rule_on_a_whole_model_with_a_float_field():
+  # Dropout's p is a Python float: eqx.filter_grad gives None for it, which
+  # the projections pass through as no update.
+  model = eqx.nn.Sequential([eqx.nn.Linear(2, 2, key=jax.random.key(0)),
+                             eqx.nn.Dropout(0.5)])
+  grads = eqx.filter_grad(lambda m: m.layers[0](jnp.ones(2)).sum())(model)
+  for tx in (optax.chain(optax.sgd(1.0), posconstr.constrain(
+      {"*": posconstr.NonNegative()})), posconstr.projected(
+          optax.sgd(1.0), {"*": posconstr.NonNegative()})):
+    updates, _ = tx.update(grads, tx.init(model), model)
+    new = eqx.apply_updates(model, updates)
+    w, b = model.layers[0].weight, model.layers[0].bias
+    np.testing.assert_allclose(new.layers[0].weight,
+                               np.maximum(np.asarray(w) - 1.0, 0.0))
+    np.testing.assert_allclose(new.layers[0].bias,
+                               np.maximum(np.asarray(b) - 1.0, 0.0))
+    assert new.layers[1].p == 0.5

@@ -394,6 +394,9 @@ def test_dead_fraction_on_a_pytree_matches_numpy_count():
   jitted = jax.jit(lambda t: posconstr.dead_fraction(
       t, Softplus(), mask="*/kernel"))(tree)
   assert set(jitted) == {"a/kernel", "b/kernel"}
+  # An empty leaf has no dead latent: 0, not the NaN of a diverged run.
+  empty = posconstr.dead_fraction({"w": jnp.zeros((0, 3))}, Softplus())
+  assert float(empty["w"]) == 0.0
   assert float(jitted["a/kernel"]) == pytest.approx(
       np.mean(special.expit(tree["a"]["kernel"].astype(float)) < 1e-3))
 

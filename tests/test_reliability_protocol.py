@@ -201,3 +201,47 @@ def test_builtin_value_objects_keep_their_semantics():
     dataclasses.replace(pc.Box(0.0, 1.0), upper=-1.0)  # validated again
   with pytest.raises(AttributeError):
     pc.UnitNorm().min_value = 0.5  # a class constant, not a field
+
+
+def test_a_user_parameterization_gets_its_defaults_from_bounds_in():
+  # A user's set that declares its bounds only by bounds_in (no `lower`
+  # attribute): fold reflects at the lower bound, and a range bounded on
+  # both sides is the unit of `dead`, as for the built-in Sigmoid.
+  @dataclasses.dataclass(frozen=True)
+  class AtLeast(pc.Constraint):
+    a: float = 0.1
+    elementwise = True
+
+    def project(self, x):
+      return jnp.maximum(x, self.a)
+
+    def bounds_in(self, dtype):
+      return (jnp.asarray(self.a, dtype), None)
+
+  @dataclasses.dataclass(frozen=True)
+  class Quartic(pc.Parameterization):
+    constraint: pc.Constraint = AtLeast(0.1)
+
+    def forward_map(self, z):
+      return z ** 4 + 0.1
+
+    def inverse_map(self, w):
+      return (w - 0.1) ** 0.25
+
+  v = jnp.array([-0.5, 0.0, 0.3])
+  np.testing.assert_allclose(Quartic().fold(v), [0.7, 0.2, 0.3], rtol=1e-6)
+
+  @dataclasses.dataclass(frozen=True)
+  class TenSigmoid(pc.Parameterization):
+    constraint = pc.Box(0.0, 10.0)
+
+    def forward_map(self, z):
+      return 10 * jax.nn.sigmoid(z)
+
+    def inverse_map(self, w):
+      return jnp.log(w / (10 - w))
+
+  z = jnp.array([-8.0, -6.0, -4.0, 0.0, 4.0, 6.0, 8.0])
+  assert float(TenSigmoid().derivative_unit()) == 10.0
+  np.testing.assert_array_equal(TenSigmoid().dead(z),
+                                pc.Sigmoid(0.0, 10.0).dead(z))

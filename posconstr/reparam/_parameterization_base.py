@@ -41,10 +41,15 @@ class Parameterization(base.ValueObject, abc.ABC):
     as ``Softplus``'s 0, whose latent is infinite).
   * ``out_of_range(w)``: values outside the closure of the range (default:
     those ``constraint.project`` moves).
-  * ``derivative_unit()``: the unit of ``g'`` for ``dead`` (default 1; the
-    width of a bounded range).
+  * ``derivative_unit()``: the unit of ``g'`` for ``dead`` (default: the
+    width of a range that ``constraint.bounds_in`` bounds on both sides,
+    else 1).
   * ``fold(value)``: maps any value into the range (default: reflect at the
-    constraint's ``lower`` bound if it has one, then project).
+    constraint's lower bound if it has one, its ``lower`` attribute or
+    ``bounds_in``'s, then project).
+
+  Array-valued fields need ``@dataclasses.dataclass(frozen=True, eq=False,
+  repr=False)`` (hashed by identity, as :class:`posconstr.Constraint`).
 
   Example:
     >>> import dataclasses, jax.numpy as jnp, posconstr
@@ -82,8 +87,13 @@ class Parameterization(base.ValueObject, abc.ABC):
     return self.constraint.project(w) != w
 
   def derivative_unit(self):
-    """The derivative's natural unit (the width of a bounded range)."""
-    return 1.0
+    """The derivative's natural unit: the width of a range bounded on both
+    sides (from the constraint's ``bounds_in``), else 1."""
+    bounds = self.constraint.bounds_in(jnp.float32)
+    if bounds is None or bounds[0] is None or bounds[1] is None:
+      return 1.0
+    width = jnp.asarray(bounds[1]) - jnp.asarray(bounds[0])
+    return jnp.where(jnp.isfinite(width), width, 1.0)
 
   def _input(self, x, method, name):
     return base.float_input(x, f"{self!r}.{method}", name)
@@ -151,6 +161,9 @@ class Parameterization(base.ValueObject, abc.ABC):
     """
     value = self._input(value, "fold", "value")
     lower = getattr(self.constraint, "lower", None)
+    if lower is None:  # A user's set declares its bounds by bounds_in.
+      bounds = self.constraint.bounds_in(value.dtype)
+      lower = None if bounds is None else bounds[0]
     if lower is not None:
       # Exactly the identity on the range (lower + |v - lower| may round).
       value = jnp.where(value < lower, lower + (lower - value), value)

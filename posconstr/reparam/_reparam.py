@@ -147,5 +147,7 @@ def dead_fraction(latents, rules: Rules, mask=None,
 
 
 def _fraction(parameterization, leaf, tol):
+  if not jnp.size(leaf):  # No latent, none dead (not the mean's NaN).
+    return jnp.zeros((), jnp.float32)
   frac = jnp.mean(parameterization.dead(leaf, tol).astype(jnp.float32))
   return jnp.where(jnp.any(jnp.isnan(leaf)), jnp.nan, frac)

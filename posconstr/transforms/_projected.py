@@ -27,7 +27,7 @@ def _dropped(constraint, grad, param):
   Non-finite ones are kept: ``inf`` and NaN reach the parameters, as they
   do through ``optax.chain(inner, posconstr.project(...))``.
   """
-  if constraint is None or not constraint.elementwise:
+  if constraint is None or grad is None or not constraint.elementwise:
     return None
   return constraint.pushing_out(param, grad) & jnp.isfinite(grad)
 

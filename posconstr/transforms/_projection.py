@@ -50,6 +50,8 @@ def map_plan(plan: list, fn: Callable, tree, params, owner: str):
   treedef = jax.tree.structure(params)
   leaves, param_leaves = (leaves_like(treedef, tree, owner),
                           treedef.flatten_up_to(params))
+  # A None update (eqx.filter_grad's, for a non-array leaf) stays None.
+  plan = [None if x is None else c for c, x in zip(plan, leaves)]
   for i, (c, x, p) in enumerate(zip(plan, leaves, param_leaves)):
     if c is not None and jnp.shape(x) != jnp.shape(p):
       try:
