@@ -48,6 +48,22 @@ def _as_bound(name: str, value, owner: str):
   return arr
 
 
+def _why_empty(lo, hi) -> Optional[str]:
+  """Why concrete bounds in a dtype hold no finite value of it: ``"lower"``
+  (rounded inwards to +inf: past the dtype's range), ``"upper"`` (to -inf),
+  ``"between"`` (lower > upper); None when some value lies in them (or the
+  bounds are traced)."""
+  lo_known = lo is not None and base.is_concrete(lo)
+  hi_known = hi is not None and base.is_concrete(hi)
+  if lo_known and np.any(np.asarray(lo) == np.inf):
+    return "lower"
+  if hi_known and np.any(np.asarray(hi) == -np.inf):
+    return "upper"
+  if lo_known and hi_known and np.any(np.asarray(lo) > np.asarray(hi)):
+    return "between"
+  return None
+
+
 class _Interval(base.Constraint):
   """lower <= x <= upper, coordinate by coordinate (either bound may be None).
 
@@ -110,25 +126,19 @@ class _Interval(base.Constraint):
             f"parameter `{path}` of shape {shape}.")
     lo, hi = self._bounds(dtype) if base.is_concrete(self.lower) and (
         base.is_concrete(self.upper)) else self.bounds_in(dtype)
-    for name, bound, beyond, side in (("lower", lo, np.inf, "at or above"),
-                                      ("upper", hi, -np.inf, "at or below")):
-      # A bound past the dtype's range rounds inwards to an infinity.
-      if (bound is not None and base.is_concrete(bound)
-          and np.any(np.asarray(bound) == beyond)):
-        if name == "lower" and isinstance(self, NonNegative):
-          name = "eps"
-        raise ValueError(
-            f"{owner}: no finite {np.dtype(dtype).name} value lies {side} "
-            f"`{name}` (parameter `{path}`); use a wider dtype or a bound "
-            "within its range.")
-    if lo is None or hi is None:
-      return
-    if base.is_concrete(lo) and base.is_concrete(hi):
-      if np.any(np.asarray(lo) > np.asarray(hi)):  # numpy: no tracing
-        raise ValueError(
-            f"{owner}: no {np.dtype(dtype).name} value lies between `lower` "
-            f"and `upper` (parameter `{path}`); widen the box or use a wider "
-            "dtype.")
+    why = _why_empty(lo, hi)
+    if why in ("lower", "upper"):
+      name = "eps" if why == "lower" and isinstance(self, NonNegative) else why
+      side = "at or above" if why == "lower" else "at or below"
+      raise ValueError(
+          f"{owner}: no finite {np.dtype(dtype).name} value lies {side} "
+          f"`{name}` (parameter `{path}`); use a wider dtype or a bound "
+          "within its range.")
+    if why == "between":
+      raise ValueError(
+          f"{owner}: no {np.dtype(dtype).name} value lies between `lower` "
+          f"and `upper` (parameter `{path}`); widen the box or use a wider "
+          "dtype.")
 
   def _check_broadcast(self, shape):
     for bound in (self.lower, self.upper):
@@ -145,15 +155,7 @@ class _Interval(base.Constraint):
     """``_bounds``; a ValueError where concrete bounds hold no finite value
     of ``dtype`` (a clip would return a point outside the set)."""
     lo, hi = self._bounds(dtype)
-    empty = False
-    with np.errstate(invalid="ignore"):
-      if lo is not None and base.is_concrete(lo):
-        empty = bool(np.any(np.asarray(lo) == np.inf))
-        if hi is not None and base.is_concrete(hi):
-          empty = empty or bool(np.any(np.asarray(lo) > np.asarray(hi)))
-      if hi is not None and base.is_concrete(hi):
-        empty = empty or bool(np.any(np.asarray(hi) == -np.inf))
-    if empty:
+    if _why_empty(lo, hi):
       raise ValueError(f"{self!r}.{method}: no finite {np.dtype(dtype).name} "
                        "value lies in the set; use a wider dtype.")
     return lo, hi
